@@ -1,0 +1,41 @@
+# One command runner for people, CI and the README.
+PYTHON ?= .venv/bin/python
+PROTO_OUT := src
+
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo clean
+
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	python3 -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --upgrade pip
+	.venv/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+proto: venv
+	$(PYTHON) scripts/protogen.py
+
+proto-check: venv
+	$(PYTHON) scripts/protogen.py --check
+
+lint: venv
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+typecheck: venv
+	$(PYTHON) -m mypy
+
+test: venv lint typecheck
+	$(PYTHON) -m pytest -q
+
+test-unit: venv
+	$(PYTHON) -m pytest tests/unit
+
+test-integration: venv
+	$(PYTHON) -m pytest tests/integration
+
+demo: venv
+	.venv/bin/sluicegate demo
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

@@ -1,0 +1,235 @@
+"""Worker sessions and the leases they hold: the dispatcher's pure bookkeeping.
+
+A lease is one attempt (task id, attempt) that this dispatcher forwarded to one worker session
+and has not yet settled. It counts against the worker's slots from the moment it is taken until a
+terminal report or a requeue settles it; settling happens once, and whoever settles first decides.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluicegate.errors import InvalidInput, NoFreeSlot, NotConnected, UnknownSession
+
+LeaseKey = tuple[str, int]
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    key: LeaseKey
+    session: WorkerSession
+    payload: Any  # the shell's wire message for this attempt
+    token: Any  # the shell's handle to the broker delivery that carries it
+    taken_at: float
+    receipt_deadline: float
+    received: bool = False
+    finishing: bool = False  # a terminal report is being published for it
+
+
+@dataclass(slots=True, eq=False)
+class WorkerSession:
+    worker_id: str
+    session_id: str
+    tenant: str
+    actions: frozenset[str]
+    labels: dict[str, str]
+    slots: int
+    last_seen: float
+    leases: dict[LeaseKey, Lease] = field(default_factory=dict)
+    stream: Any = None  # the shell's open stream (with its send lock), when streaming
+    streams_opened: int = 0
+    stream_lost_at: float | None = None
+    received: int = 0  # assignments consumed for this session, reported to the scheduler
+    closed: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.leases))
+
+    @property
+    def ready(self) -> bool:
+        return self.streaming and not self.closed
+
+
+class Sessions:
+    """Every worker session on this dispatcher and every lease they hold."""
+
+    def __init__(self, *, remember_settled: int = 100_000) -> None:
+        self._by_worker: dict[str, WorkerSession] = {}
+        self._by_session: dict[str, WorkerSession] = {}
+        self._leases: dict[LeaseKey, Lease] = {}
+        self._settled: OrderedDict[LeaseKey, None] = OrderedDict()
+        self._remember_settled = remember_settled
+        self.version = 0  # bumps on every change the scheduler should hear about
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+    def __iter__(self) -> Iterator[WorkerSession]:
+        return iter(list(self._by_session.values()))
+
+    @property
+    def leases(self) -> int:
+        return len(self._leases)
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def register(
+        self,
+        *,
+        worker_id: str,
+        tenant: str,
+        actions: frozenset[str],
+        labels: dict[str, str],
+        slots: int,
+        now: float,
+    ) -> tuple[WorkerSession, WorkerSession | None]:
+        """Open a new session; returns it and the session it supersedes, if the worker had one."""
+        if not actions:
+            raise InvalidInput("a worker must serve at least one action")
+        if slots < 1:
+            raise InvalidInput("slots must be at least 1")
+        worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        previous = self._by_worker.get(worker_id)
+        session = WorkerSession(
+            worker_id=worker_id,
+            session_id=uuid.uuid4().hex,
+            tenant=tenant,
+            actions=actions,
+            labels=labels,
+            slots=slots,
+            last_seen=now,
+            stream_lost_at=now,  # no stream yet: it must show up within the reconnect grace
+        )
+        self._by_worker[worker_id] = session
+        self._by_session[session.session_id] = session
+        if previous is not None:
+            previous.closed = True
+            del self._by_session[previous.session_id]
+        self.changed()
+        return session, previous
+
+    def session(self, worker_id: str, session_id: str) -> WorkerSession:
+        session = self._by_session.get(session_id)
+        if session is None or session.worker_id != worker_id:
+            raise UnknownSession("unknown worker session; register again")
+        return session
+
+    def count_received(self, worker_id: str, session_id: str) -> None:
+        """Count an assignment consumed for a session, whatever becomes of it (the scheduler's ledger)."""
+        session = self._by_session.get(session_id)
+        if session is not None and session.worker_id == worker_id:
+            session.received += 1
+
+    def target(self, worker_id: str, session_id: str) -> WorkerSession:
+        """The session an assignment is for, if it can take one now."""
+        session = self._by_session.get(session_id)
+        if session is None or session.worker_id != worker_id or not session.ready:
+            raise NotConnected(f"worker {worker_id} is not streaming from this dispatcher")
+        if session.free_slots <= 0:
+            raise NoFreeSlot(f"worker {worker_id} has no free slot")
+        return session
+
+    def close(self, session: WorkerSession) -> list[Lease]:
+        """Remove a session; returns its leases, which the caller must requeue."""
+        session.closed = True
+        if self._by_session.get(session.session_id) is session:
+            del self._by_session[session.session_id]
+        if self._by_worker.get(session.worker_id) is session:
+            del self._by_worker[session.worker_id]
+        leases = list(session.leases.values())
+        for lease in leases:
+            self.settle(lease.key)
+        self.changed()
+        return leases
+
+    # Streams.
+
+    def attach(self, session: WorkerSession, stream: Any, now: float) -> Any:
+        """Make `stream` the session's stream; returns the stream it replaces, if any."""
+        previous = session.stream
+        session.stream = stream
+        session.streams_opened += 1
+        session.stream_lost_at = None
+        session.last_seen = now
+        self.changed()
+        return previous
+
+    def detach(self, session: WorkerSession, stream: Any, now: float) -> bool:
+        """Forget `stream` if it is still the session's; True if it was."""
+        if session.stream is not stream:
+            return False
+        session.stream = None
+        session.stream_lost_at = now
+        self.changed()
+        return True
+
+    def seen(self, session: WorkerSession, now: float) -> None:
+        session.last_seen = now
+        if session.stream_lost_at is not None and not session.streaming:
+            # Alive without a stream: the reconnect grace starts again from this sign of life.
+            session.stream_lost_at = now
+
+    def lost(self, now: float, *, heartbeat_timeout: float, reconnect_grace: float) -> list[WorkerSession]:
+        """Sessions to give up on: silent too long, or without a stream and no sign of life since."""
+        return [
+            s
+            for s in self._by_session.values()
+            if now - s.last_seen > heartbeat_timeout
+            or (s.stream_lost_at is not None and now - s.stream_lost_at > reconnect_grace)
+        ]
+
+    # Leases.
+
+    def take(
+        self, session: WorkerSession, key: LeaseKey, payload: Any, token: Any, now: float, ack_timeout: float
+    ) -> Lease:
+        lease = Lease(
+            key=key,
+            session=session,
+            payload=payload,
+            token=token,
+            taken_at=now,
+            receipt_deadline=now + ack_timeout,
+        )
+        session.leases[key] = lease
+        self._leases[key] = lease
+        self.changed()
+        return lease
+
+    def holder(self, key: LeaseKey, session: WorkerSession) -> Lease | None:
+        """The lease for `key` if `session` holds it."""
+        lease = self._leases.get(key)
+        if lease is None or lease.session is not session:
+            return None
+        return lease
+
+    def holder_of(self, key: LeaseKey) -> Lease | None:
+        return self._leases.get(key)
+
+    def was_settled(self, key: LeaseKey) -> bool:
+        return key in self._settled
+
+    def settle(self, key: LeaseKey) -> Lease | None:
+        """Remove and return the lease, or None if someone settled it already."""
+        lease = self._leases.pop(key, None)
+        if lease is None:
+            return None
+        lease.session.leases.pop(key, None)
+        self._settled[key] = None
+        if len(self._settled) > self._remember_settled:
+            self._settled.popitem(last=False)
+        self.changed()
+        return lease
+
+    def overdue_receipts(self, now: float) -> list[Lease]:
+        return [lease for lease in self._leases.values() if not lease.received and now > lease.receipt_deadline]

@@ -1,0 +1,80 @@
+"""Settings of the dispatcher, read from SLUICEGATE_DISPATCHER_* variables and flags."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from datetime import timedelta
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+from sluicegate.durations import PositiveDuration
+from sluicegate.settings import NAME_PATTERN, settings_config
+from sluicegate.validation import DEFAULT_MAX_PAYLOAD
+
+
+def _default_id() -> str:
+    host = "".join(c for c in socket.gethostname().lower() if c.isalnum() or c in "-_")[:24] or "host"
+    return f"{host}-{uuid.uuid4().hex[:8]}"
+
+
+class DispatcherSettings(BaseSettings):
+    """How a dispatcher serves workers and consumes its inbox."""
+
+    model_config = settings_config("SLUICEGATE_DISPATCHER_")
+
+    id: str = Field(
+        default_factory=_default_id, pattern=NAME_PATTERN, description="Routing key of this dispatcher's inbox."
+    )
+    listen: str = Field(default="127.0.0.1:50051", min_length=3, description="host:port the gRPC server binds.")
+    send_lock_timeout: PositiveDuration = Field(
+        default=timedelta(milliseconds=250), description="Longest wait for a worker's send lock before requeueing."
+    )
+    ack_timeout: PositiveDuration = Field(
+        default=timedelta(seconds=5), description="A worker must acknowledge receipt of an assignment within this."
+    )
+    heartbeat_interval: PositiveDuration = Field(
+        default=timedelta(seconds=2), description="How often workers are told to heartbeat."
+    )
+    heartbeat_timeout: PositiveDuration = Field(
+        default=timedelta(seconds=6), description="A worker silent this long is lost; its leases are requeued."
+    )
+    reconnect_grace: PositiveDuration = Field(
+        default=timedelta(milliseconds=500),
+        description="A worker whose stream dropped must show life within this, or its leases are requeued.",
+    )
+    keepalive_time: PositiveDuration = Field(
+        default=timedelta(seconds=1), description="gRPC keepalive ping interval (workers use the same)."
+    )
+    keepalive_timeout: PositiveDuration = Field(
+        default=timedelta(seconds=1), description="A keepalive ping unanswered this long drops the connection."
+    )
+    prefetch: int = Field(default=2000, ge=1, le=65535, description="Unsettled inbox messages held at once.")
+    inbox_ttl: PositiveDuration = Field(
+        default=timedelta(seconds=30),
+        description="An inbox message unsettled this long after a crash dead-letters to requeue.",
+    )
+    inbox_expires: PositiveDuration = Field(
+        default=timedelta(minutes=10), description="An inbox with no consumer this long is deleted (after it drained)."
+    )
+    state_interval: PositiveDuration = Field(
+        default=timedelta(milliseconds=20), description="Shortest gap between two worker-state publishes."
+    )
+    state_heartbeat: PositiveDuration = Field(
+        default=timedelta(seconds=1), description="Worker state is republished at least this often."
+    )
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
+    drain_grace: PositiveDuration = Field(
+        default=timedelta(seconds=10), description="How long a stopping dispatcher waits for running tasks."
+    )
+    send_lock_permits: int = Field(default=1, ge=1, le=64, description="Concurrent writes allowed per stream.")
+
+    @model_validator(mode="after")
+    def _inbox_outlives_its_messages(self) -> DispatcherSettings:
+        # A deleted queue does not dead-letter what it holds: it must expire only after draining.
+        if self.inbox_expires < 2 * self.inbox_ttl:
+            raise ValueError(
+                "SLUICEGATE_DISPATCHER_INBOX_EXPIRES must be at least twice SLUICEGATE_DISPATCHER_INBOX_TTL"
+            )
+        return self

@@ -1,0 +1,20 @@
+"""Counters a dispatcher keeps about what it did; tests, the demo and metrics read them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    forwarded: int = 0
+    completed: int = 0
+    failed: int = 0
+    requeued: Counter[str] = field(default_factory=Counter)
+    lock_timeouts: int = 0
+    streams_ended: int = 0
+    stale_reports: int = 0
+    redeliveries: int = 0
+    results_unclaimed: int = 0
+    lock_wait_total_s: float = 0.0

@@ -1,0 +1,27 @@
+"""Sluicegate: RabbitMQ-backed task dispatch to long-running workers over gRPC streams."""
+
+from sluicegate.client import Client, TaskResult, TaskSpec
+from sluicegate.errors import (
+    InvalidInput,
+    PermanentError,
+    RetryableError,
+    SluicegateError,
+    TaskFailed,
+)
+from sluicegate.settings import BrokerSettings
+from sluicegate.worker import TaskContext, Worker, WorkerSettings
+
+__all__ = [
+    "BrokerSettings",
+    "Client",
+    "InvalidInput",
+    "PermanentError",
+    "RetryableError",
+    "SluicegateError",
+    "TaskContext",
+    "TaskFailed",
+    "TaskResult",
+    "TaskSpec",
+    "Worker",
+    "WorkerSettings",
+]

@@ -1,0 +1,204 @@
+"""The `sluicegate` command: run a scheduler, a dispatcher or a demo worker; submit tasks; run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sluicegate.errors import InvalidInput, PermanentError, SluicegateError
+from sluicegate.logs import configure
+from sluicegate.settings import BrokerSettings, LogSettings, load
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _broker(args: argparse.Namespace) -> BrokerSettings:
+    return load(BrokerSettings, prefix=args.prefix)
+
+
+async def cmd_scheduler(args: argparse.Namespace) -> int:
+    from sluicegate_scheduler.app import Scheduler
+    from sluicegate_scheduler.settings import SchedulerSettings
+
+    settings = load(SchedulerSettings, max_dispatch_attempts=args.max_dispatch_attempts)
+    stop = _stop_on_signals()
+    async with Scheduler(settings, _broker(args)):
+        await stop.wait()
+    return 0
+
+
+async def cmd_dispatcher(args: argparse.Namespace) -> int:
+    from sluicegate_dispatcher.app import Dispatcher
+    from sluicegate_dispatcher.settings import DispatcherSettings
+
+    settings = load(
+        DispatcherSettings,
+        id=args.id,
+        listen=args.listen,
+        send_lock_timeout=args.send_lock_timeout,
+        ack_timeout=args.ack_timeout,
+        drain_grace=args.drain_grace,
+    )
+    stop = _stop_on_signals()
+    async with Dispatcher(settings, _broker(args)):
+        await stop.wait()
+    return 0
+
+
+def demo_worker(dispatchers: str | None, slots: int | None, worker_id: str = "", settings: Any = None) -> Any:
+    """A worker with the demo actions: `echo` returns its payload, `sleep` waits, `fail` fails."""
+    from sluicegate.worker import TaskContext, Worker
+
+    worker = Worker(dispatchers, slots=slots, worker_id=worker_id, settings=settings)
+
+    @worker.action("echo")
+    async def echo(ctx: TaskContext) -> bytes:
+        return ctx.payload
+
+    @worker.action("sleep")
+    async def sleep(ctx: TaskContext) -> bytes:
+        data = ctx.json()
+        seconds = data.get("seconds", 1) if isinstance(data, dict) else data
+        if not isinstance(seconds, int | float) or not 0 <= seconds <= 3600:
+            raise PermanentError('sleep takes {"seconds": N} with N between 0 and 3600')
+        await asyncio.sleep(seconds)
+        return ctx.payload
+
+    @worker.action("fail")
+    async def fail(ctx: TaskContext) -> bytes:
+        raise RuntimeError("failed on purpose")
+
+    return worker
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from sluicegate.worker import WorkerSettings
+
+    settings = load(WorkerSettings, dispatchers=args.dispatchers, slots=args.slots, tenant=args.tenant)
+    worker = demo_worker(None, None, args.worker_id or "", settings)
+    stop = _stop_on_signals()
+    async with worker:
+        await stop.wait()
+    return 0
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    from sluicegate.client import Client, TaskSpec
+    from sluicegate.report import Progress, summarize
+
+    try:
+        payload = json.loads(args.payload) if args.payload is not None else None
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"payload is not valid JSON ({err.msg} at position {err.pos})") from err
+    if not 1 <= args.count <= 1_000_000:
+        raise InvalidInput("--count must be between 1 and 1000000")
+    spec = dict(action=args.action, payload=payload, priority=args.priority, max_retries=args.max_retries)
+    async with Client(_broker(args)) as client:
+        started = time.monotonic()
+        ids = await client.submit_many([TaskSpec(**spec) for _ in range(args.count)])
+        print(f"submitted {len(ids)} task(s) of {args.action!r}", file=sys.stderr)
+        if args.no_wait:
+            for task_id in ids:
+                print(task_id)
+            return 0
+        progress = Progress(len(ids), sys.stderr)
+        results = await progress.collect(client, ids, args.timeout)
+        print(summarize(results, len(ids), time.monotonic() - started))
+        if args.count == 1 and results:
+            (result,) = results.values()
+            print(result.output.decode(errors="replace") or result.error)
+        return 0 if len(results) == len(ids) and all(r.status == 1 for r in results.values()) else 1
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from sluicegate.demo import run_demo
+
+    return await run_demo(
+        _broker(args), workers=args.workers, tasks=args.tasks, payload_bytes=args.payload_bytes, stall=not args.no_stall
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluicegate", description=__doc__)
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    parser.add_argument("--log-json", action="store_true", default=None, help="log one JSON object per line")
+    parser.add_argument("--prefix", help="prefix of every exchange and queue (SLUICEGATE_PREFIX)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("scheduler", help="assign submitted tasks to workers")
+    p.add_argument("--max-dispatch-attempts", type=int)
+    p.set_defaults(run=cmd_scheduler)
+
+    p = commands.add_parser("dispatcher", help="serve worker streams and forward assignments")
+    p.add_argument("--id", help="inbox routing key (default: host name and a random suffix)")
+    p.add_argument("--listen", help="host:port of the gRPC server (default 127.0.0.1:50051)")
+    p.add_argument("--send-lock-timeout", help="e.g. 250ms")
+    p.add_argument("--ack-timeout", help="e.g. 5s")
+    p.add_argument("--drain-grace", help="e.g. 10s")
+    p.set_defaults(run=cmd_dispatcher)
+
+    p = commands.add_parser("worker", help="run a demo worker (actions echo, sleep, fail)")
+    p.add_argument("--dispatchers", help="comma-separated host:port list")
+    p.add_argument("--slots", type=int)
+    p.add_argument("--tenant")
+    p.add_argument("--worker-id")
+    p.set_defaults(run=cmd_worker)
+
+    p = commands.add_parser("submit", help="submit tasks and wait for their results")
+    p.add_argument("action")
+    p.add_argument("payload", nargs="?", help="JSON payload")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--max-retries", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
+    p.add_argument("--no-wait", action="store_true", help="print the task ids and return")
+    p.set_defaults(run=cmd_submit)
+
+    p = commands.add_parser("demo", help="run the whole pipeline locally with a worker that stalls")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--tasks", type=int, default=3000)
+    p.add_argument("--payload-bytes", type=int, default=64 * 1024)
+    p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is absent on some platforms
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configure(load(LogSettings, level=args.log_level, json_format=args.log_json))
+        return _run(args.run(args))
+    except InvalidInput as err:
+        print(f"sluicegate: {err}", file=sys.stderr)
+        return 2
+    except SluicegateError as err:
+        print(f"sluicegate: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

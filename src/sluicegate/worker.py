@@ -1,0 +1,401 @@
+"""The worker SDK: register handlers, run them within slots, acknowledge, report, heartbeat, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from sluicegate.durations import PositiveDuration
+from sluicegate.errors import InvalidInput, PermanentError
+from sluicegate.settings import settings_config
+from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
+from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_action
+from sluicegate.wire import grpc_options, now_ms
+
+log = logging.getLogger(__name__)
+
+Event = worker_pb2.TaskEvent
+Verdict = worker_pb2.EventVerdict
+Key = tuple[str, int]
+
+
+class WorkerSettings(BaseSettings):
+    """How a worker connects and behaves; SLUICEGATE_WORKER_* variables."""
+
+    model_config = settings_config("SLUICEGATE_WORKER_")
+
+    dispatchers: str = Field(default="127.0.0.1:50051", min_length=3, description="Comma-separated host:port list.")
+    slots: int = Field(default=10, ge=1, le=10_000, description="Tasks run at once.")
+    tenant: str = "default"
+    heartbeat_interval: PositiveDuration = timedelta(seconds=2)
+    keepalive_time: PositiveDuration = timedelta(seconds=1)
+    keepalive_timeout: PositiveDuration = timedelta(seconds=1)
+    reconnect_max_backoff: PositiveDuration = timedelta(seconds=5)
+    shutdown_grace: PositiveDuration = timedelta(seconds=10)
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
+
+
+@dataclass(slots=True)
+class TaskContext:
+    """What a handler gets: the task's identity and payload."""
+
+    task_id: str
+    attempt: int
+    action: str
+    payload: bytes
+    tenant: str
+    worker_id: str
+
+    def json(self) -> Any:
+        return json.loads(self.payload) if self.payload else None
+
+
+Handler = Callable[[TaskContext], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    received: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    completed: int = 0
+    failed: int = 0
+    reconnects: int = 0
+    registrations: int = 0
+    completed_ids: list[str] = field(default_factory=list)
+
+
+class SessionLost(Exception):
+    """The dispatcher no longer knows this session: register again."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.base * 2**self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _encode(output: Any) -> bytes:
+    if output is None:
+        return b""
+    if isinstance(output, bytes):
+        return output
+    if isinstance(output, str):
+        return output.encode()
+    return json.dumps(output).encode()
+
+
+class _Reporter:
+    """Sends events of one session in batches; each caller awaits its own verdict."""
+
+    def __init__(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str) -> None:
+        self._stub, self._worker_id, self._session_id = stub, worker_id, session_id
+        self._queue: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = []
+        self._wake = asyncio.Event()
+        self.lost = False
+
+    async def report(self, event: worker_pb2.TaskEvent) -> int:
+        if self.lost:
+            return Verdict.VERDICT_STALE
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((event, future))
+        self._wake.set()
+        return await future
+
+    def fail_all(self) -> None:
+        self.lost = True
+        for _, future in self._queue:
+            if not future.done():
+                future.set_result(Verdict.VERDICT_STALE)
+        self._queue.clear()
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:1000], self._queue[1000:]
+                request = worker_pb2.ReportRequest(
+                    worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
+                )
+                try:
+                    response = await self._stub.Report(request, timeout=30)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                        for _, future in batch:
+                            future.set_result(Verdict.VERDICT_STALE)
+                        if err.code() == grpc.StatusCode.NOT_FOUND:
+                            self.fail_all()
+                            raise SessionLost from err
+                        continue
+                    self._queue[:0] = batch  # keep them, in order, and try again
+                    await asyncio.sleep(backoff.next())
+                    continue
+                backoff.reset()
+                for (_, future), verdict in zip(batch, response.verdicts, strict=False):
+                    if not future.done():
+                        future.set_result(verdict.verdict)
+
+
+class Worker:
+    """Runs registered handlers for the assignments a dispatcher streams to it.
+
+    Each assignment is acknowledged before its handler runs; an attempt the dispatcher no longer
+    holds (it timed out and went to another worker) is dropped, as is a duplicate (task, attempt).
+    """
+
+    def __init__(
+        self,
+        dispatchers: str | Sequence[str] | None = None,
+        *,
+        slots: int | None = None,
+        worker_id: str = "",
+        tenant: str | None = None,
+        labels: dict[str, str] | None = None,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        base = settings or WorkerSettings()
+        self.settings = base.model_copy(
+            update={k: v for k, v in {"slots": slots, "tenant": tenant}.items() if v is not None}
+        )
+        raw = dispatchers if dispatchers is not None else self.settings.dispatchers
+        self.addresses = [a.strip() for a in (raw.split(",") if isinstance(raw, str) else raw) if a.strip()]
+        if not self.addresses:
+            raise InvalidInput("a worker needs at least one dispatcher address")
+        self.worker_id = worker_id
+        self.labels = dict(labels or {})
+        self.stats = WorkerStats()
+        self._handlers: dict[str, Handler] = {}
+        self._seen: OrderedDict[Key, None] = OrderedDict()
+        self._running: dict[Key, asyncio.Task[None]] = {}
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._stopping = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._next_address = 0
+        self.registered = asyncio.Event()
+
+    def action(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator registering an async handler for `name`."""
+
+        def register(handler: Handler) -> Handler:
+            self.register(name, handler)
+            return handler
+
+        return register
+
+    def register(self, name: str, handler: Handler) -> None:
+        check_action(name)
+        self._handlers[name] = handler
+
+    # Fault injection for tests and the demo: a worker that is alive but stops reading its stream.
+    def stop_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    async def __aenter__(self) -> Worker:
+        self._runner = asyncio.create_task(self.run(), name="sluicegate-worker")
+        self._runner.add_done_callback(_log_crash)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop taking work, let running handlers finish within the grace, then disconnect."""
+        self._stopping.set()
+        self._reading.set()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+
+    async def run(self) -> None:
+        """Register and serve until stop(); reconnects with backoff and jitter."""
+        if not self._handlers:
+            raise InvalidInput("register at least one action before running the worker")
+        backoff = Backoff(cap=self.settings.reconnect_max_backoff.total_seconds())
+        while not self._stopping.is_set():
+            address = self.addresses[self._next_address % len(self.addresses)]
+            try:
+                await self._serve(address, backoff)
+            except* (grpc.aio.AioRpcError, SessionLost, OSError) as group:
+                why = "; ".join(_why(e) for e in group.exceptions)
+                log.info("worker %s: session on %s ended (%s); registering again", self.worker_id, address, why)
+                self._next_address += 1
+                self.stats.reconnects += 1
+            if not self._stopping.is_set():
+                await asyncio.sleep(backoff.next())
+
+    async def _serve(self, address: str, backoff: Backoff) -> None:
+        s = self.settings
+        options = grpc_options(
+            keepalive_s=s.keepalive_time.total_seconds(),
+            keepalive_timeout_s=s.keepalive_timeout.total_seconds(),
+            max_payload=s.max_payload_bytes,
+            server=False,
+        )
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            reply = await stub.Register(
+                worker_pb2.RegisterRequest(
+                    worker_id=self.worker_id,
+                    tenant=s.tenant,
+                    actions=sorted(self._handlers),
+                    slots=s.slots,
+                    labels=self.labels,
+                ),
+                timeout=10,
+            )
+            self.worker_id = reply.worker_id
+            self.stats.registrations += 1
+            reporter = _Reporter(stub, reply.worker_id, reply.session_id)
+            interval = reply.heartbeat_interval_ms / 1000 or s.heartbeat_interval.total_seconds()
+            backoff.reset()
+            self.registered.set()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(reporter.run())
+                    group.create_task(self._heartbeat(stub, reply.session_id, interval))
+                    group.create_task(self._listen(stub, reply.session_id, reporter))
+                    group.create_task(self._until_stopped())
+            except* _Stopped:
+                pass
+            finally:
+                reporter.fail_all()
+                for task in list(self._running.values()):
+                    task.cancel()
+
+    async def _until_stopped(self) -> None:
+        """On stop, give running handlers the grace to finish and report, then end the session."""
+        await self._stopping.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace.total_seconds()
+        while self._running and loop.time() < deadline:
+            await asyncio.wait(list(self._running.values()), timeout=deadline - loop.time())
+        raise _Stopped
+
+    async def _heartbeat(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, interval: float) -> None:
+        request = worker_pb2.HeartbeatRequest(worker_id=self.worker_id, session_id=session_id)
+        while True:
+            try:
+                await stub.Heartbeat(request, timeout=max(interval, 1.0))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    raise SessionLost from err
+            await asyncio.sleep(interval)
+
+    async def _listen(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: _Reporter) -> None:
+        backoff = Backoff(cap=1.0)
+        request = worker_pb2.ListenRequest(worker_id=self.worker_id, session_id=session_id)
+        while True:
+            call = stub.Listen(request)
+            try:
+                async for message in call:
+                    backoff.reset()
+                    await self._reading.wait()
+                    for control in message.controls:
+                        if control.kind == worker_pb2.Control.KIND_RECONNECT:
+                            raise SessionLost(control.reason or "dispatcher asked to reconnect")
+                        running = self._running.get((control.task_id, control.attempt))
+                        if control.kind == worker_pb2.Control.KIND_CANCEL and running is not None:
+                            running.cancel()
+                    for assignment in message.assignments:
+                        self._accept(assignment, reporter)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    raise SessionLost from err
+                log.debug("stream from dispatcher ended: %s", _why(err))
+            self.stats.reconnects += 1
+            await asyncio.sleep(backoff.next())
+
+    def _accept(self, assignment: messages_pb2.Assignment, reporter: _Reporter) -> None:
+        key = (assignment.task.task_id, assignment.attempt)
+        if key in self._seen:
+            self.stats.duplicates += 1
+            return
+        self._seen[key] = None
+        if len(self._seen) > 100_000:
+            self._seen.popitem(last=False)
+        self.stats.received += 1
+        # Not in the session's task group: on a graceful stop, handlers outlive the stream.
+        task = asyncio.create_task(self._run_one(assignment, reporter))
+        self._running[key] = task
+        task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    async def _run_one(self, assignment: messages_pb2.Assignment, reporter: _Reporter) -> None:
+        task = assignment.task
+        received = Event(task_id=task.task_id, attempt=assignment.attempt, kind=Event.KIND_RECEIVED, at_ms=now_ms())
+        if await reporter.report(received) != Verdict.VERDICT_ACCEPTED:
+            self.stats.stale += 1  # superseded before we started: another worker has it
+            return
+        final = Event(task_id=task.task_id, attempt=assignment.attempt)
+        handler = self._handlers.get(task.action)
+        context = TaskContext(
+            task_id=task.task_id,
+            attempt=assignment.attempt,
+            action=task.action,
+            payload=task.payload,
+            tenant=task.tenant,
+            worker_id=self.worker_id,
+        )
+        try:
+            if handler is None:
+                raise PermanentError(f"this worker has no handler for {task.action!r}")
+            async with asyncio.timeout(task.timeout_ms / 1000 if task.timeout_ms else None):
+                output = await handler(context)
+            final.kind, final.output = Event.KIND_COMPLETED, _encode(output)
+        except TimeoutError:
+            final.kind, final.error, final.retryable = Event.KIND_FAILED, f"timed out after {task.timeout_ms} ms", True
+        except PermanentError as err:
+            final.kind, final.error, final.retryable = Event.KIND_FAILED, str(err), False
+        except Exception as err:
+            final.kind, final.error, final.retryable = Event.KIND_FAILED, f"{type(err).__name__}: {err}", True
+        final.at_ms = now_ms()
+        verdict = await reporter.report(final)
+        if verdict != Verdict.VERDICT_ACCEPTED:
+            self.stats.stale += 1
+        elif final.kind == Event.KIND_COMPLETED:
+            self.stats.completed += 1
+        else:
+            self.stats.failed += 1
+
+
+class _Stopped(Exception):
+    """Ends a worker session's task group when the worker is told to stop."""
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker stopped on an unexpected error", exc_info=task.exception())
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err) or type(err).__name__

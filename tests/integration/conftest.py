@@ -1,0 +1,113 @@
+"""Integration fixtures: a real RabbitMQ (testcontainers with Docker, else RABBITMQ_URL), a unique prefix per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from sluicegate import amqp
+from sluicegate.cli import demo_worker
+from sluicegate.client import Client
+from sluicegate.settings import BrokerSettings
+from sluicegate.worker import Worker
+from sluicegate_dispatcher.app import Dispatcher
+from sluicegate_dispatcher.settings import DispatcherSettings
+from sluicegate_scheduler.app import Scheduler
+from sluicegate_scheduler.settings import SchedulerSettings
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A broker for the session: RABBITMQ_URL when set or when Docker is absent, else a container."""
+    if os.environ.get("RABBITMQ_URL") or not _docker_available():
+        yield os.environ.get("RABBITMQ_URL", DEFAULT_URL)
+        return
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.13-management") as container:
+        params = container.get_connection_params()
+        yield f"amqp://guest:guest@{params.host}:{params.port}/"
+
+
+@pytest.fixture
+def broker(rabbitmq_url: str) -> BrokerSettings:
+    return BrokerSettings(rabbitmq_url=rabbitmq_url, prefix=f"t-{uuid.uuid4().hex[:10]}")
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll until `predicate()` is truthy; fail with a clear message after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(interval)
+
+
+class Stack:
+    """A scheduler, dispatchers, workers and a client on one prefix; everything torn down after the test."""
+
+    def __init__(self, broker: BrokerSettings, exit_stack: contextlib.AsyncExitStack) -> None:
+        self.broker = broker
+        self._stack = exit_stack
+        self.dispatchers: list[Dispatcher] = []
+        self.scheduler: Scheduler | None = None
+
+    async def start_scheduler(self, **settings: Any) -> Scheduler:
+        self.scheduler = await self._stack.enter_async_context(Scheduler(SchedulerSettings(**settings), self.broker))
+        return self.scheduler
+
+    async def start_dispatcher(self, **settings: Any) -> Dispatcher:
+        settings.setdefault("listen", "127.0.0.1:0")
+        settings.setdefault("drain_grace", "100ms")
+        dispatcher = Dispatcher(DispatcherSettings(**settings), self.broker)
+        self.dispatchers.append(dispatcher)
+        return await self._stack.enter_async_context(dispatcher)
+
+    async def start_worker(
+        self, dispatcher: Dispatcher, worker_id: str, *, slots: int = 8, worker: Worker | None = None
+    ) -> Worker:
+        worker = worker or demo_worker(f"127.0.0.1:{dispatcher.port}", slots, worker_id)
+        await self._stack.enter_async_context(worker)
+        await asyncio.wait_for(worker.registered.wait(), 10)
+        return worker
+
+    async def client(self) -> Client:
+        return await self._stack.enter_async_context(Client(self.broker))
+
+    async def wait_workers_known(self, count: int) -> None:
+        assert self.scheduler is not None
+        scheduler = self.scheduler
+        await eventually(lambda: sum(w.ready for w in scheduler.pool) >= count, timeout=10)
+
+
+@pytest.fixture
+async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    async with contextlib.AsyncExitStack() as exit_stack:
+        s = Stack(broker, exit_stack)
+        try:
+            yield s
+        finally:
+            await exit_stack.aclose()
+            connection = await aio_pika.connect_robust(broker.rabbitmq_url.get_secret_value())
+            async with connection:
+                await amqp.delete_topology(connection, amqp.Topology(broker.prefix), [d.id for d in s.dispatchers])

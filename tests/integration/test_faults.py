@@ -1,0 +1,105 @@
+"""A worker that stops reading, and a worker killed mid-task: their tasks complete elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from sluicegate.client import TaskSpec
+from sluicegate.reasons import Reason
+from sluicegate.v1 import messages_pb2
+
+from .conftest import Stack, eventually
+
+COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
+
+
+async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack) -> None:
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher(ack_timeout="2s")
+    healthy = [await stack.start_worker(dispatcher, f"healthy-{i}", slots=8) for i in range(4)]
+    # Many slots and large payloads: its unread assignments fill the HTTP/2 window, so later
+    # writes to it block and the send lock times out (not just the receipt deadline).
+    deaf = await stack.start_worker(dispatcher, "deaf", slots=128)
+    await stack.wait_workers_known(5)
+    client = await stack.client()
+
+    async def go_deaf() -> None:
+        await eventually(lambda: deaf.stats.received >= 5, timeout=30, interval=0.001)
+        deaf.stop_reading()
+
+    staller = asyncio.create_task(go_deaf())
+    total = 800
+    started = time.monotonic()
+    ids = await client.submit_many([TaskSpec("echo", bytes(64 * 1024)) for _ in range(total)])
+
+    # Sample the healthy workers' progress: they must keep completing while tasks remain.
+    samples: list[tuple[float, int]] = []
+    while len(client.results) < total and time.monotonic() - started < 120:
+        samples.append((time.monotonic(), sum(w.stats.completed for w in healthy)))
+        await asyncio.sleep(0.05)
+    await staller
+    elapsed = time.monotonic() - started
+    results = [await client.result(i, timeout=1) for i in ids]
+
+    longest_pause = 0.0
+    last_change_at, last_count = samples[0]
+    for at, count in samples[1:]:
+        if count != last_count:
+            last_change_at, last_count = at, count
+        longest_pause = max(longest_pause, at - last_change_at)
+    print(
+        f"\nstall: {total} tasks in {elapsed:.2f}s ({total / elapsed:.0f}/s); "
+        f"longest pause of healthy completions {longest_pause * 1000:.0f} ms; "
+        f"lock timeouts {dispatcher.stats.lock_timeouts}; requeued {dict(scheduler.stats.requeued)}; "
+        f"deaf completed {deaf.stats.completed}"
+    )
+    assert all(r.status == COMPLETED for r in results)
+    assert len({r.task_id for r in results}) == total
+    assert client.duplicates == 0
+    assert dispatcher.stats.lock_timeouts > 0, "sends to the deaf worker timed out on its lock"
+    assert scheduler.stats.requeued[Reason.LOCK_TIMEOUT.value] > 0
+    # It completes what it read before going deaf, plus the one message each new session reads.
+    assert sum(1 for r in results if r.worker_id == "deaf") <= 5 + deaf.stats.registrations
+    assert sum(1 for r in results if r.worker_id != "deaf" and r.history) > 0, "its requeued tasks ran elsewhere"
+    assert longest_pause < 1.0, f"healthy workers paused for {longest_pause:.2f}s"
+
+
+async def test_a_worker_killed_mid_task_has_its_tasks_completed_elsewhere(stack: Stack) -> None:
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    env = {**os.environ, "SLUICEGATE_LOG_LEVEL": "WARNING"}
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluicegate", "worker",
+        "--dispatchers", f"127.0.0.1:{dispatcher.port}", "--worker-id", "doomed", "--slots", "4",
+        env=env,
+    )  # fmt: skip
+    try:
+        await stack.wait_workers_known(1)
+        client = await stack.client()
+        ids = await client.submit_many([TaskSpec("sleep", {"seconds": 1.5}) for _ in range(4)])
+
+        def doomed_is_running_all() -> bool:
+            return any(
+                s.worker_id == "doomed" and len(s.leases) == 4 and all(lease.received for lease in s.leases.values())
+                for s in dispatcher.sessions
+            )
+
+        await eventually(doomed_is_running_all, timeout=15)
+        await stack.start_worker(dispatcher, "survivor", slots=4)
+        doomed.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(client.result(i) for i in ids)), 30)
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+        await doomed.wait()
+    reassigned_after = time.monotonic() - killed_at
+    print(f"\nkill: 4 tasks of 1.5 s finished on the survivor {reassigned_after:.2f}s after SIGKILL")
+    assert all(r.status == COMPLETED and r.worker_id == "survivor" for r in results)
+    assert all(r.history[-1].reason == Reason.WORKER_LOST.value for r in results)
+    assert all(r.attempt == 2 for r in results)
+    assert scheduler.stats.requeued[Reason.WORKER_LOST.value] == 4
