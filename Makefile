@@ -1,6 +1,6 @@
 # One command runner for people, CI and the README.
 PYTHON ?= .venv/bin/python
-PROTO_OUT := src
+LINTED := src services tests scripts
 
 .PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo clean
 
@@ -19,8 +19,8 @@ proto-check: venv
 	$(PYTHON) scripts/protogen.py --check
 
 lint: venv
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check $(LINTED)
+	$(PYTHON) -m ruff format --check $(LINTED)
 
 typecheck: venv
 	$(PYTHON) -m mypy
