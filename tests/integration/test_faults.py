@@ -19,7 +19,7 @@ COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 
 async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack) -> None:
     scheduler = await stack.start_scheduler()
-    dispatcher = await stack.start_dispatcher(ack_timeout="2s")
+    dispatcher = await stack.start_dispatcher(ack_timeout="1s")
     healthy = [await stack.start_worker(dispatcher, f"healthy-{i}", slots=8) for i in range(4)]
     # Many slots and large payloads: its unread assignments fill the HTTP/2 window, so later
     # writes to it block and the send lock times out (not just the receipt deadline).
@@ -65,7 +65,10 @@ async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack) -> No
     # It completes what it read before going deaf, plus the one message each new session reads.
     assert sum(1 for r in results if r.worker_id == "deaf") <= 5 + deaf.stats.registrations
     assert sum(1 for r in results if r.worker_id != "deaf" and r.history) > 0, "its requeued tasks ran elsewhere"
-    assert longest_pause < 1.0, f"healthy workers paused for {longest_pause:.2f}s"
+    # Healthy workers never wait on the deaf one's lock. What can still happen near the end of the
+    # run is that the last tasks sit unread in the deaf worker's stream until the receipt deadline
+    # (ack_timeout) requeues them: that, plus a margin, bounds any pause.
+    assert longest_pause < 1.0 + 1.0, f"healthy workers paused for {longest_pause:.2f}s"
 
 
 async def test_a_worker_killed_mid_task_has_its_tasks_completed_elsewhere(stack: Stack) -> None:

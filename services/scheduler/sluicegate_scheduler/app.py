@@ -29,6 +29,8 @@ from sluicegate_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
 
+# A worker that failed a dispatch for one of these is likely stalled or gone: others get its work first.
+STALL_REASONS = frozenset({Reason.LOCK_TIMEOUT, Reason.ACK_TIMEOUT, Reason.STREAM_BROKEN, Reason.WORKER_LOST})
 X_DEATH_REASONS = {"expired": Reason.LEASE_EXPIRED, "rejected": Reason.REJECTED}
 
 
@@ -230,6 +232,8 @@ class Scheduler:
                 )
             reason = _reason_of(history)
             self.stats.requeued[reason.value] += 1
+            if reason in STALL_REASONS and a.worker_id:
+                self.pool.cool_down(a.worker_id, self.clock(), self.settings.worker_cooldown.total_seconds())
             item = Pending(
                 task=a.task,
                 source=source,
@@ -269,10 +273,11 @@ class Scheduler:
             await self._wake.wait()
             self._wake.clear()
             batches: dict[str, list[Placed]] = {}
+            now = self.clock()
             for key in self.waiting.lanes():
                 while (item := self.waiting.peek(key)) is not None:
                     task = item.task
-                    worker = self.pool.pick(task.tenant, task.action, dict(task.labels), item.avoid)
+                    worker = self.pool.pick(task.tenant, task.action, dict(task.labels), item.avoid, now)
                     if worker is None:
                         break
                     self.waiting.pop(key)

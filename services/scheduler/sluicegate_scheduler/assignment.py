@@ -69,6 +69,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
+        self._cooling: dict[str, tuple[float, int]] = {}  # worker id -> (last resort until, strikes)
 
     def __iter__(self) -> Iterator[WorkerView]:
         for view in self._dispatchers.values():
@@ -112,8 +113,26 @@ class WorkerPool:
             del self._dispatchers[d]
         return gone
 
+    def cool_down(self, worker_id: str, now: float, base: float, longest: float = 60.0) -> None:
+        """A worker that just failed a dispatch (stalled, lost) gets work only as a last resort for a while.
+
+        The while doubles with each strike, so a worker that keeps stalling keeps losing its share;
+        a worker that stayed clear of trouble for `longest` starts again from `base`.
+        """
+        until, strikes = self._cooling.get(worker_id, (0.0, 0))
+        if now > until + longest:
+            strikes = 0
+        if now < until and strikes:
+            return  # the failures of one episode count once
+        self._cooling[worker_id] = (now + min(longest, base * 2**strikes), strikes + 1)
+
     def pick(
-        self, tenant: str, action: str, labels: dict[str, str], avoid: frozenset[str] = frozenset()
+        self,
+        tenant: str,
+        action: str,
+        labels: dict[str, str],
+        avoid: frozenset[str] = frozenset(),
+        now: float = 0.0,
     ) -> WorkerView | None:
         """The eligible worker with the largest share of free slots; ties go round-robin.
 
@@ -129,7 +148,7 @@ class WorkerPool:
             free = w.free
             if free <= 0 or not w.serves(tenant, action, labels):
                 continue
-            if w.worker_id in avoid:
+            if w.worker_id in avoid or self._cooling.get(w.worker_id, (0.0, 0))[0] > now:
                 fallback = fallback or w
                 continue
             score = free / w.slots  # the share of free slots spreads load

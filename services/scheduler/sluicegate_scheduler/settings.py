@@ -24,6 +24,10 @@ class SchedulerSettings(BaseSettings):
     dispatcher_stale_after: PositiveDuration = Field(
         default=timedelta(seconds=5), description="A dispatcher silent this long is taken out of the view."
     )
+    worker_cooldown: PositiveDuration = Field(
+        default=timedelta(seconds=5),
+        description="After a stalled or lost dispatch, a worker gets work only when no other can take it.",
+    )
     max_batch: int = Field(default=64, ge=1, le=1000, description="Most assignments in one AMQP message.")
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
     remember_requeues: int = Field(
