@@ -1,0 +1,1 @@
+"""Deployment tests: Dockerfile, docker-compose.yml and the Kubernetes manifests, checked offline."""
