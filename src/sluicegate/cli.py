@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from sluicegate.errors import InvalidInput, PermanentError, SluicegateError
 from sluicegate.logs import configure
+from sluicegate.metrics import MetricsServer, MetricsSettings
 from sluicegate.settings import BrokerSettings, LogSettings, load
+from sluicegate.telemetry import setup_tracing, shutdown_tracing
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -30,17 +35,47 @@ def _broker(args: argparse.Namespace) -> BrokerSettings:
     return load(BrokerSettings, prefix=args.prefix)
 
 
+@contextlib.asynccontextmanager
+async def _observed(registry: CollectorRegistry, ready: Callable[[], bool]) -> AsyncIterator[None]:
+    """Serve /metrics, /healthz and /readyz when SLUICEGATE_METRICS_PORT is set."""
+    settings = load(MetricsSettings)
+    if settings.port is None:
+        yield
+        return
+    async with MetricsServer(registry, host=settings.host, port=settings.port, ready=ready):
+        yield
+
+
+def _traced(role: str) -> Callable[[Command], Command]:
+    """Export traces over OTLP for the command's lifetime when an endpoint is configured."""
+
+    def wrap(command: Command) -> Command:
+        async def run(args: argparse.Namespace) -> int:
+            provider = setup_tracing(role)
+            try:
+                return await command(args)
+            finally:
+                shutdown_tracing(provider)
+
+        return run
+
+    return wrap
+
+
+@_traced("scheduler")
 async def cmd_scheduler(args: argparse.Namespace) -> int:
     from sluicegate_scheduler.app import Scheduler
     from sluicegate_scheduler.settings import SchedulerSettings
 
     settings = load(SchedulerSettings, max_dispatch_attempts=args.max_dispatch_attempts)
     stop = _stop_on_signals()
-    async with Scheduler(settings, _broker(args)):
+    scheduler = Scheduler(settings, _broker(args))
+    async with scheduler, _observed(scheduler.metrics.registry, lambda: scheduler.ready):
         await stop.wait()
     return 0
 
 
+@_traced("dispatcher")
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
     from sluicegate_dispatcher.app import Dispatcher
     from sluicegate_dispatcher.settings import DispatcherSettings
@@ -54,7 +89,8 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         drain_grace=args.drain_grace,
     )
     stop = _stop_on_signals()
-    async with Dispatcher(settings, _broker(args)):
+    dispatcher = Dispatcher(settings, _broker(args))
+    async with dispatcher, _observed(dispatcher.metrics.registry, lambda: dispatcher.ready):
         await stop.wait()
     return 0
 
@@ -85,17 +121,19 @@ def demo_worker(dispatchers: str | None, slots: int | None, worker_id: str = "",
     return worker
 
 
+@_traced("worker")
 async def cmd_worker(args: argparse.Namespace) -> int:
     from sluicegate.worker import WorkerSettings
 
     settings = load(WorkerSettings, dispatchers=args.dispatchers, slots=args.slots, tenant=args.tenant)
     worker = demo_worker(None, None, args.worker_id or "", settings)
     stop = _stop_on_signals()
-    async with worker:
+    async with worker, _observed(worker.metrics(), worker.registered.is_set):
         await stop.wait()
     return 0
 
 
+@_traced("client")
 async def cmd_submit(args: argparse.Namespace) -> int:
     from sluicegate.client import Client, TaskSpec
     from sluicegate.report import Progress, summarize
@@ -124,6 +162,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         return 0 if len(results) == len(ids) and all(r.status == 1 for r in results.values()) else 1
 
 
+@_traced("demo")
 async def cmd_demo(args: argparse.Namespace) -> int:
     from sluicegate.demo import run_demo
 

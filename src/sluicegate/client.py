@@ -13,13 +13,15 @@ from typing import Any
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError
+from opentelemetry import propagate
+from opentelemetry.trace import Span, SpanKind
 
-from sluicegate import amqp
+from sluicegate import amqp, telemetry
 from sluicegate.errors import InvalidInput, TaskFailed
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_task
-from sluicegate.wire import inject_trace, now_ms
+from sluicegate.wire import now_ms
 
 TaskResult = messages_pb2.TaskResult
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
@@ -100,7 +102,7 @@ class Client:
             if not waiter.done():
                 waiter.cancel()
 
-    def _build(self, spec: TaskSpec) -> messages_pb2.Task:
+    def _build(self, spec: TaskSpec) -> tuple[messages_pb2.Task, Span]:
         if not 0 <= spec.timeout_s <= 7 * 24 * 3600:
             raise InvalidInput("timeout must be between 0 and 7 days")
         if spec.max_retries < 0 or spec.priority < 0:
@@ -118,8 +120,21 @@ class Client:
             submitted_at_ms=now_ms(),
         )
         check_task(task, self.max_payload)
-        inject_trace(task.trace)
-        return task
+        span = telemetry.start(
+            f"submit {task.action}",
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                task.task_id,
+                None,
+                **{
+                    "messaging.destination.name": self.topology.tasks,
+                    "messaging.operation.type": "publish",
+                    "sluicegate.tenant": task.tenant,
+                },
+            ),
+        )
+        telemetry.carry(span, task.trace)  # one trace per task, from here to its result
+        return task, span
 
     async def submit(self, action: str, payload: Any = None, **options: Any) -> str:
         """Submit one task; returns its id once the broker confirmed it. Raises InvalidInput first if malformed."""
@@ -130,19 +145,27 @@ class Client:
         """Submit several tasks, several per AMQP message; all are validated before any is sent."""
         if self._tasks is None:
             raise RuntimeError("client is not connected")
-        tasks = [self._build(spec) for spec in specs]
+        built = [self._build(spec) for spec in specs]
+        tasks = [task for task, _ in built]
         batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
-        await asyncio.gather(
-            *(
-                amqp.publish_until_confirmed(
-                    self._tasks,
-                    self.topology.tasks,
-                    messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
-                    timeout=self.broker.confirm_timeout_s,
+        headers: dict[str, str] = {}
+        propagate.inject(headers)  # the caller's context, if any, for the message as a whole
+        try:
+            await asyncio.gather(
+                *(
+                    amqp.publish_until_confirmed(
+                        self._tasks,
+                        self.topology.tasks,
+                        messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
+                        headers=headers,
+                        timeout=self.broker.confirm_timeout_s,
+                    )
+                    for batch in batches
                 )
-                for batch in batches
             )
-        )
+        finally:
+            for _, span in built:
+                span.end()
         return [t.task_id for t in tasks]
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
@@ -176,6 +199,14 @@ class Client:
                 self.duplicates += 1
                 continue
             self._results[result.task_id] = result
+            telemetry.start(
+                "result",
+                result.trace,
+                kind=SpanKind.CONSUMER,
+                attributes=telemetry.task_attributes(
+                    result.task_id, result.attempt, **{"sluicegate.task.status": int(result.status)}
+                ),
+            ).end()
             waiter = self._waiters.pop(result.task_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(result)

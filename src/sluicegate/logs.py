@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any
 
+from opentelemetry import trace
+
 from sluicegate.settings import LogSettings
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -28,8 +30,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class TraceContext(logging.Filter):
+    """Adds the current trace and span ids to every record that does not carry them already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "trace_id"):
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                record.trace_id = format(context.trace_id, "032x")
+                record.span_id = format(context.span_id, "016x")
+        elif isinstance(record.trace_id, int):
+            record.trace_id = format(record.trace_id, "032x")
+        return True
+
+
 def configure(settings: LogSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceContext())
     if settings.json_format:
         handler.setFormatter(JsonFormatter())
     else:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
-
-from opentelemetry import propagate
 
 ENVELOPE_BYTES = 64 * 1024  # room for everything in a message besides the payload
 
@@ -40,8 +37,3 @@ def grpc_options(
             ("grpc.http2.min_time_between_pings_ms", max(100, keepalive_ms // 2)),
         ]
     return options
-
-
-def inject_trace(carrier: MutableMapping[str, str]) -> None:
-    """Write the current trace context (W3C) into `carrier`; a no-op without an active span."""
-    propagate.inject(carrier)

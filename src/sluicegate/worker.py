@@ -15,11 +15,16 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+from sluicegate import telemetry
 from sluicegate.durations import PositiveDuration
 from sluicegate.errors import InvalidInput, PermanentError
+from sluicegate.metrics import Snapshot, counter, gauge, labelled_counter
 from sluicegate.settings import settings_config
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_action
@@ -197,6 +202,29 @@ class Worker:
         self._next_address = 0
         self.registered = asyncio.Event()
 
+    def metrics(self) -> CollectorRegistry:
+        """A registry with this worker's counters, read when scraped."""
+        registry = CollectorRegistry()
+
+        def snapshot() -> list[Metric]:
+            s = self.stats
+            return [
+                counter("sluicegate_worker_assignments_received", "Assignments received.", s.received),
+                labelled_counter(
+                    "sluicegate_worker_tasks",
+                    "Tasks run to the end, by outcome.",
+                    "status",
+                    {"completed": s.completed, "failed": s.failed},
+                ),
+                counter("sluicegate_worker_duplicates", "Duplicate assignments dropped.", s.duplicates),
+                counter("sluicegate_worker_stale", "Attempts dropped because they were superseded.", s.stale),
+                counter("sluicegate_worker_reconnects", "Streams or sessions opened again.", s.reconnects),
+                gauge("sluicegate_worker_running", "Handlers running now.", len(self._running)),
+            ]
+
+        registry.register(Snapshot(snapshot))
+        return registry
+
     def action(self, name: str) -> Callable[[Handler], Handler]:
         """Decorator registering an async handler for `name`."""
 
@@ -260,7 +288,8 @@ class Worker:
             max_payload=s.max_payload_bytes,
             server=False,
         )
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
+        channel = grpc.aio.insecure_channel(address, options=options, interceptors=telemetry.grpc_client_interceptors())
+        async with channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             reply = await stub.Register(
                 worker_pb2.RegisterRequest(
@@ -350,9 +379,27 @@ class Worker:
 
     async def _run_one(self, assignment: messages_pb2.Assignment, reporter: _Reporter) -> None:
         task = assignment.task
+        span = telemetry.start(
+            f"run {task.action}",
+            assignment.trace,
+            kind=SpanKind.CONSUMER,
+            attributes=telemetry.task_attributes(
+                task.task_id,
+                assignment.attempt,
+                **{"sluicegate.worker.id": self.worker_id, "messaging.operation.type": "process"},
+            ),
+        )
+        try:
+            await self._run_traced(assignment, reporter, span)
+        finally:
+            span.end()
+
+    async def _run_traced(self, assignment: messages_pb2.Assignment, reporter: _Reporter, span: Any) -> None:
+        task = assignment.task
         received = Event(task_id=task.task_id, attempt=assignment.attempt, kind=Event.KIND_RECEIVED, at_ms=now_ms())
         if await reporter.report(received) != Verdict.VERDICT_ACCEPTED:
             self.stats.stale += 1  # superseded before we started: another worker has it
+            telemetry.fail(span, "attempt superseded before it started")
             return
         final = Event(task_id=task.task_id, attempt=assignment.attempt)
         handler = self._handlers.get(task.action)
@@ -377,6 +424,8 @@ class Worker:
         except Exception as err:
             final.kind, final.error, final.retryable = Event.KIND_FAILED, f"{type(err).__name__}: {err}", True
         final.at_ms = now_ms()
+        if final.kind == Event.KIND_FAILED:
+            telemetry.fail(span, final.error[:200])
         verdict = await reporter.report(final)
         if verdict != Verdict.VERDICT_ACCEPTED:
             self.stats.stale += 1

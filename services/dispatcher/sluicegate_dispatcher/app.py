@@ -15,8 +15,10 @@ import grpc
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
-from sluicegate import amqp
+from sluicegate import amqp, telemetry
 from sluicegate.errors import (
     InvalidInput,
     LockTimeout,
@@ -31,6 +33,7 @@ from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import check_task
 from sluicegate.wire import grpc_options, now_ms
+from sluicegate_dispatcher.metrics import DispatcherMetrics
 from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
 from sluicegate_dispatcher.settings import DispatcherSettings
 from sluicegate_dispatcher.stats import DispatcherStats
@@ -73,6 +76,7 @@ class Dispatcher:
         self.topology = amqp.Topology(broker.prefix)
         self.sessions = Sessions()
         self.stats = DispatcherStats()
+        self.metrics = DispatcherMetrics(self)
         self.clock = clock
         self.port = 0
         self.draining = False
@@ -92,6 +96,11 @@ class Dispatcher:
     @property
     def id(self) -> str:
         return self.settings.id
+
+    @property
+    def ready(self) -> bool:
+        """Serving and taking new work (false while starting, draining or stopped)."""
+        return self._state == "running" and not self.draining
 
     # Lifecycle.
 
@@ -126,12 +135,13 @@ class Dispatcher:
         from sluicegate_dispatcher.service import WorkerServicer  # the gRPC edge imports this module
 
         self._server = grpc.aio.server(
+            interceptors=telemetry.grpc_server_interceptors(),
             options=grpc_options(
                 keepalive_s=s.keepalive_time.total_seconds(),
                 keepalive_timeout_s=s.keepalive_timeout.total_seconds(),
                 max_payload=s.max_payload_bytes,
                 server=True,
-            )
+            ),
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -208,6 +218,7 @@ class Dispatcher:
             await self._settle_message(message, ok=False)
             return
         delivery = Delivery(message, len(batch.assignments))
+        self.metrics.batch_size.observe(delivery.pending)
         if delivery.pending == 0:
             await self._settle_message(message, ok=True)
             return
@@ -258,21 +269,57 @@ class Dispatcher:
             await self._requeue(assignment, delivery, Reason.NO_SLOT, str(err))
             return
         stream: WorkerStream = session.stream
+        span = telemetry.start(
+            f"dispatch {assignment.task.action}",
+            assignment.trace,
+            kind=SpanKind.CONSUMER,
+            attributes=telemetry.task_attributes(
+                key[0],
+                key[1],
+                **{
+                    "sluicegate.worker.id": session.worker_id,
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": self.topology.inbox(self.id),
+                },
+            ),
+        )
+        telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
         lease = self.sessions.take(session, key, assignment, delivery, self.clock(), self._ack_timeout)
+        started_ns = time.time_ns()
         try:
             waited = await stream.send(worker_pb2.ServerMessage(assignments=[assignment]), self._lock_timeout)
         except LockTimeout:
             self.stats.lock_timeouts += 1
+            self._timed_spans(span, started_ns, time.time_ns(), None)
+            telemetry.fail(span, "send lock timeout")
+            span.end()
             stream.end("send timed out; reconnect")
             self.stats.streams_ended += 1
             await self._requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
             return
         except StreamBroken as err:
+            telemetry.fail(span, "stream broken")
+            span.end()
             stream.end("stream write failed; reconnect")
             await self._requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
             return
         self.stats.forwarded += 1
         self.stats.lock_wait_total_s += waited
+        self._timed_spans(span, started_ns, started_ns + int(waited * 1e9), time.time_ns())
+        span.end()
+
+    def _timed_spans(self, parent: trace.Span, started_ns: int, acquired_ns: int, written_ns: int | None) -> None:
+        """Record the lock wait (from before acquisition) and the write as child spans and histograms."""
+        self.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
+        ctx = trace.set_span_in_context(parent)
+        tracer = telemetry.tracer()
+        wait = tracer.start_span("send_lock.wait", context=ctx, start_time=started_ns)
+        if written_ns is None:
+            telemetry.fail(wait, "timed out")
+        wait.end(end_time=acquired_ns)
+        if written_ns is not None:
+            self.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
+            tracer.start_span("stream.write", context=ctx, start_time=acquired_ns).end(end_time=written_ns)
 
     async def _requeue_lease(self, lease: Lease, reason: Reason, detail: str) -> None:
         """Requeue a lease unless it was settled already (first to settle decides)."""
@@ -300,6 +347,17 @@ class Dispatcher:
         returned = messages_pb2.Assignment()
         returned.CopyFrom(assignment)
         returned.history.append(record)
+        span = telemetry.start(
+            "requeue",
+            assignment.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                assignment.task.task_id,
+                assignment.attempt,
+                **{"sluicegate.requeue.reason": reason.value, "messaging.destination.name": self.topology.requeue},
+            ),
+        )
+        telemetry.carry(span, returned.trace)  # the reassignment continues the task's trace from here
         body = messages_pb2.AssignmentBatch(assignments=[returned]).SerializeToString()
         try:
             await amqp.publish_until_confirmed(
@@ -310,8 +368,20 @@ class Dispatcher:
                 timeout=self.broker.confirm_timeout_s,
             )
         except Unroutable:
-            log.error("the requeue queue is missing; leaving task %s to the inbox TTL", assignment.task.task_id)
+            log.error(
+                "the requeue queue is missing; leaving the task to the inbox TTL",
+                extra={"task_id": assignment.task.task_id},
+            )
             return
+        finally:
+            span.end()
+        log.info(
+            "requeued task %s attempt %d: %s",
+            assignment.task.task_id,
+            assignment.attempt,
+            reason.value,
+            extra={"task_id": assignment.task.task_id, "reason": reason.value},
+        )
         self.stats.requeued[reason.value] += 1
         await self._item_done(delivery)
 
@@ -325,7 +395,9 @@ class Dispatcher:
             self.stats.stale_reports += 1
             return worker_pb2.EventVerdict.VERDICT_STALE
         if event.kind in (Event.KIND_RECEIVED, Event.KIND_STARTED):
-            lease.received = True
+            if not lease.received:
+                lease.received = True
+                self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
         if event.kind not in (Event.KIND_COMPLETED, Event.KIND_FAILED):
             return worker_pb2.EventVerdict.VERDICT_INVALID
@@ -337,11 +409,29 @@ class Dispatcher:
             self.sessions.settle(key)
             await self._requeue(assignment, lease.token, Reason.HANDLER_FAILED, event.error[:1000])
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
+        result = self._result(lease, event)
+        span = telemetry.start(
+            f"complete {assignment.task.action}",
+            assignment.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                key[0], key[1], **{"sluicegate.task.status": "failed" if failed else "completed"}
+            ),
+        )
+        if failed:
+            telemetry.fail(span, event.error[:200])
+        telemetry.carry(span, result.trace)
         try:
-            await self.publish_result(self._result(lease, event), assignment.task.reply_to)
+            await self.publish_result(result, assignment.task.reply_to)
         except PublishError:
             lease.finishing = False  # the worker retries the report
             raise
+        finally:
+            span.end()
+        if assignment.task.submitted_at_ms:
+            self.metrics.task_latency.observe(
+                max(0.0, (result.finished_at_ms - assignment.task.submitted_at_ms) / 1000)
+            )
         self.stats.failed += failed
         self.stats.completed += not failed
         self.sessions.settle(key)

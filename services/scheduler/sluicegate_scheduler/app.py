@@ -16,8 +16,9 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import Span, SpanKind
 
-from sluicegate import amqp
+from sluicegate import amqp, telemetry
 from sluicegate.errors import InvalidInput, PublishError, Unroutable
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
@@ -25,6 +26,7 @@ from sluicegate.v1 import messages_pb2
 from sluicegate.validation import check_task
 from sluicegate.wire import now_ms
 from sluicegate_scheduler.assignment import Waiting, WorkerPool, WorkerReport, WorkerView
+from sluicegate_scheduler.metrics import SchedulerMetrics
 from sluicegate_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,10 @@ class Pending:
     run_failures: int = 0
     history: list[messages_pb2.Requeue] = field(default_factory=list)
     avoid: frozenset[str] = frozenset()
+    trace: dict[str, str] = field(default_factory=dict)  # where this task's trace continues from
 
 
-Placed = tuple[Pending, messages_pb2.Assignment, WorkerView]
+Placed = tuple[Pending, messages_pb2.Assignment, WorkerView, Span]
 
 
 @dataclass(slots=True)
@@ -92,6 +95,7 @@ class Scheduler:
         self.pool = WorkerPool()
         self.waiting = Waiting()
         self.stats = SchedulerStats()
+        self.metrics = SchedulerMetrics(self)
         self.clock = clock
         self._state = "new"
         self._connection: AbstractRobustConnection | None = None
@@ -100,6 +104,10 @@ class Scheduler:
         self._requeued: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "running"
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -198,7 +206,7 @@ class Scheduler:
                 record = messages_pb2.Requeue(reason=Reason.INVALID.value, detail=str(err), at_ms=now_ms())
                 await self._bury(Pending(task=task, source=source, history=[record]), messages_pb2.TASK_STATUS_REJECTED)
                 continue
-            self._wait(Pending(task=task, source=source))
+            self._wait(Pending(task=task, source=source, trace=dict(task.trace)))
 
     async def _on_requeue(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -242,6 +250,7 @@ class Scheduler:
                 run_failures=a.run_failures + (reason == Reason.HANDLER_FAILED),
                 history=history,
                 avoid=frozenset({a.worker_id}) if a.worker_id else frozenset(),
+                trace=dict(a.trace) or dict(a.task.trace),
             )
             if reason == Reason.INVALID or item.dispatch_failures >= self.settings.max_dispatch_attempts:
                 await self._bury(item, messages_pb2.TASK_STATUS_DEAD)
@@ -282,16 +291,32 @@ class Scheduler:
                         break
                     self.waiting.pop(key)
                     self.pool.assigned(worker)
-                    batches.setdefault(worker.dispatcher_id, []).append((item, self._assignment(item, worker), worker))
+                    assignment, span = self._assignment(item, worker)
+                    batches.setdefault(worker.dispatcher_id, []).append((item, assignment, worker, span))
             for dispatcher_id, placed in batches.items():
                 for start in range(0, len(placed), self.settings.max_batch):
                     self._spawn(
                         self._publish(dispatcher_id, placed[start : start + self.settings.max_batch]), "publish"
                     )
 
-    @staticmethod
-    def _assignment(item: Pending, worker: WorkerView) -> messages_pb2.Assignment:
-        return messages_pb2.Assignment(
+    def _assignment(self, item: Pending, worker: WorkerView) -> tuple[messages_pb2.Assignment, Span]:
+        span = telemetry.start(
+            f"{'reassign' if item.attempt > 1 else 'assign'} {item.task.action}",
+            item.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                item.task.task_id,
+                item.attempt,
+                **{
+                    "sluicegate.worker.id": worker.worker_id,
+                    "sluicegate.requeue.reason": item.history[-1].reason if item.history else None,
+                    "messaging.destination.name": self.topology.assign,
+                    "messaging.rabbitmq.destination.routing_key": worker.dispatcher_id,
+                    "messaging.operation.type": "publish",
+                },
+            ),
+        )
+        assignment = messages_pb2.Assignment(
             task=item.task,
             attempt=item.attempt,
             worker_id=worker.worker_id,
@@ -301,11 +326,13 @@ class Scheduler:
             run_failures=item.run_failures,
             history=item.history,
             assigned_at_ms=now_ms(),
-            trace=item.task.trace,
         )
+        telemetry.carry(span, assignment.trace)
+        return assignment, span
 
     async def _publish(self, dispatcher_id: str, placed: list[Placed]) -> None:
-        body = messages_pb2.AssignmentBatch(assignments=[a for _, a, _ in placed]).SerializeToString()
+        body = messages_pb2.AssignmentBatch(assignments=[a for _, a, _, _ in placed]).SerializeToString()
+        self.metrics.batch_size.observe(len(placed))
         try:
             await amqp.publish(self._exchanges.assign, dispatcher_id, body, timeout=self.broker.confirm_timeout_s)
         except (Unroutable, PublishError) as err:
@@ -314,19 +341,32 @@ class Scheduler:
                 self.stats.unroutable_assignments += len(placed)
                 self.pool.forget(dispatcher_id)
             log.warning("assignments to %s not confirmed (%s); placing them again", dispatcher_id, err)
-            for item, _, worker in placed:
+            for item, _, worker, span in placed:
+                telemetry.fail(span, "assignment not confirmed")
+                span.end()
                 self.pool.unassigned(worker)
                 self.waiting.requeue_front((item.task.tenant, item.task.action), item, item.task.priority)
             await asyncio.sleep(0.05 if isinstance(err, Unroutable) else 0.5)
             self._wake.set()
             return
         self.stats.assigned += len(placed)
-        for item, _, _ in placed:
+        for item, _, _, span in placed:
+            span.end()
             await self._done(item.source)
 
     async def _bury(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> None:
         """Publish a task that can never run to the dead queue, tell its client, then count it settled."""
         task = item.task
+        span = telemetry.start(
+            "dead" if status == messages_pb2.TASK_STATUS_DEAD else "reject",
+            item.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                task.task_id, item.attempt - 1, **{"messaging.destination.name": self.topology.dead}
+            ),
+        )
+        telemetry.fail(span, item.history[-1].reason if item.history else "dead")
+        span.end()
         dead = messages_pb2.DeadLetter(task=task, reasons=item.history, at_ms=now_ms())
         await amqp.publish_until_confirmed(
             self._exchanges.dead,
@@ -336,7 +376,12 @@ class Scheduler:
             timeout=self.broker.confirm_timeout_s,
         )
         self.stats.dead += status == messages_pb2.TASK_STATUS_DEAD
-        log.warning("task %s is dead after %d attempts", task.task_id, item.attempt - 1)
+        log.warning(
+            "task %s is dead after %d attempts",
+            task.task_id,
+            item.attempt - 1,
+            extra={"task_id": task.task_id, "trace_id": span.get_span_context().trace_id or None},
+        )
         if task.reply_to:
             reasons = "; ".join(f"{r.reason}: {r.detail}" if r.detail else r.reason for r in item.history[-5:])
             result = messages_pb2.TaskResult(

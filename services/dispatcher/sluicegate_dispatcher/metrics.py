@@ -1,0 +1,77 @@
+"""The dispatcher's Prometheus metrics: histograms observed on the way, everything else read at scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from sluicegate.metrics import (
+    BATCH_BUCKETS,
+    FAST_BUCKETS,
+    LATENCY_BUCKETS,
+    Snapshot,
+    counter,
+    gauge,
+    histogram,
+    labelled_counter,
+)
+
+if TYPE_CHECKING:
+    from sluicegate_dispatcher.app import Dispatcher
+
+
+class DispatcherMetrics:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.lock_wait = histogram(
+            r, "sluicegate_send_lock_wait_seconds", "Wait for a worker's send lock, timeouts included.", FAST_BUCKETS
+        )
+        self.stream_write = histogram(
+            r, "sluicegate_stream_write_seconds", "Duration of one write to a worker stream.", FAST_BUCKETS
+        )
+        self.receipt_ack = histogram(
+            r,
+            "sluicegate_receipt_ack_seconds",
+            "From forwarding an assignment to the worker's receipt.",
+            LATENCY_BUCKETS,
+        )
+        self.task_latency = histogram(
+            r, "sluicegate_task_latency_seconds", "From submit to the terminal result.", LATENCY_BUCKETS
+        )
+        self.batch_size = histogram(r, "sluicegate_batch_size", "Assignments per inbox message.", BATCH_BUCKETS)
+        r.register(Snapshot(self._snapshot))
+
+    def _snapshot(self) -> Iterable[Metric]:
+        d, stats = self._d, self._d.stats
+        sessions = list(d.sessions)
+        yield gauge(
+            "sluicegate_connected_workers",
+            "Workers streaming from this dispatcher.",
+            sum(s.streaming for s in sessions),
+        )
+        slots = GaugeMetricFamily("sluicegate_worker_slots", "Slots of connected workers.", labels=["state"])
+        slots.add_metric(["total"], sum(s.slots for s in sessions))
+        slots.add_metric(["free"], sum(s.free_slots for s in sessions))
+        yield slots
+        yield gauge("sluicegate_leases_in_flight", "Assignments forwarded and not yet settled.", d.sessions.leases)
+        yield counter(
+            "sluicegate_send_lock_timeouts", "Sends that did not get the stream's lock in time.", stats.lock_timeouts
+        )
+        yield labelled_counter(
+            "sluicegate_requeues", "Assignments sent back to the scheduler.", "reason", stats.requeued
+        )
+        yield labelled_counter(
+            "sluicegate_tasks_completed",
+            "Tasks with a terminal result from a worker.",
+            "status",
+            {"completed": stats.completed, "failed": stats.failed},
+        )
+        yield counter("sluicegate_tasks_forwarded", "Assignments written to a worker stream.", stats.forwarded)
+        yield counter("sluicegate_stale_reports", "Reports rejected for attempts no longer held.", stats.stale_reports)
+        yield counter("sluicegate_streams_ended", "Streams ended because their worker stalled.", stats.streams_ended)
+        yield counter("sluicegate_results_unclaimed", "Results whose client had gone.", stats.results_unclaimed)
