@@ -70,6 +70,7 @@ class Stack:
         self.broker = broker
         self._stack = exit_stack
         self.dispatchers: list[Dispatcher] = []
+        self.dispatchers_ids: list[str] = []  # inboxes of dispatchers run outside this process
         self.scheduler: Scheduler | None = None
 
     async def start_scheduler(self, **settings: Any) -> Scheduler:
@@ -110,4 +111,5 @@ async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
             await exit_stack.aclose()
             connection = await aio_pika.connect_robust(broker.rabbitmq_url.get_secret_value())
             async with connection:
-                await amqp.delete_topology(connection, amqp.Topology(broker.prefix), [d.id for d in s.dispatchers])
+                dispatcher_ids = [d.id for d in s.dispatchers] + s.dispatchers_ids
+                await amqp.delete_topology(connection, amqp.Topology(broker.prefix), dispatcher_ids)
