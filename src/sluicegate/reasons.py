@@ -10,6 +10,7 @@ class Reason(StrEnum):
     NOT_CONNECTED = "not_connected"  # the worker is not streaming from the dispatcher it was sent to
     NO_SLOT = "no_slot"  # the worker had no free slot
     STREAM_BROKEN = "stream_broken"  # the stream write failed
+    STREAM_STALLED = "stream_stalled"  # sent on a stream that then stalled, never acknowledged
     ACK_TIMEOUT = "ack_timeout"  # the worker did not acknowledge receipt in time: stalled
     WORKER_LOST = "worker_lost"  # heartbeats stopped, or the stream dropped and did not come back
     WORKER_REREGISTERED = "worker_reregistered"  # the worker opened a new session

@@ -494,3 +494,34 @@ def test_version_bumps_on_every_change() -> None:
     bumped()
     sessions.changed()
     bumped()
+
+
+# The receipt window.
+
+
+def test_the_receipt_window_caps_unacknowledged_assignments_below_the_slots() -> None:
+    sessions = Sessions(receipt_window=2)
+    session = streaming(sessions, slots=5)
+    first, second = take(sessions, session, "a"), take(sessions, session, "b")
+    assert session.unacknowledged == 2
+    assert session.free_slots == 0, "two unacknowledged fill a window of two"
+    with pytest.raises(NoFreeSlot):
+        sessions.target(session.worker_id, session.session_id)
+    assert sessions.acknowledge(first) is True
+    assert sessions.acknowledge(first) is False, "a receipt counts once"
+    assert session.free_slots == 1
+    assert sessions.unacknowledged(session) == [second]
+    sessions.settle(second.key)  # settling an unacknowledged lease frees its place in the window
+    assert session.unacknowledged == 0
+    assert session.free_slots == 3, "now only the slots limit: five minus the one running"
+    sessions.settle(first.key)
+    assert session.free_slots == 5
+
+
+def test_a_window_wider_than_the_slots_is_the_slots() -> None:
+    sessions = Sessions(receipt_window=100)
+    session = streaming(sessions, slots=3)
+    assert session.window == 3
+    for name in "abc":
+        take(sessions, session, name)
+    assert session.free_slots == 0

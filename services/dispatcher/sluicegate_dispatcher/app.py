@@ -74,7 +74,7 @@ class Dispatcher:
         self.settings = settings
         self.broker = broker
         self.topology = amqp.Topology(broker.prefix)
-        self.sessions = Sessions()
+        self.sessions = Sessions(receipt_window=settings.receipt_window)
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics(self)
         self.clock = clock
@@ -296,6 +296,11 @@ class Dispatcher:
             stream.end("send timed out; reconnect")
             self.stats.streams_ended += 1
             await self._requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
+            # The stream is stalled: what the worker has not acknowledged goes elsewhere now rather
+            # than after the receipt deadline. Safe even if it reads them later: a worker runs an
+            # assignment only after its receipt is accepted, and these leases are gone.
+            for stalled in self.sessions.unacknowledged(session):
+                await self._requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
             return
         except StreamBroken as err:
             telemetry.fail(span, "stream broken")
@@ -395,13 +400,12 @@ class Dispatcher:
             self.stats.stale_reports += 1
             return worker_pb2.EventVerdict.VERDICT_STALE
         if event.kind in (Event.KIND_RECEIVED, Event.KIND_STARTED):
-            if not lease.received:
-                lease.received = True
+            if self.sessions.acknowledge(lease):
                 self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
         if event.kind not in (Event.KIND_COMPLETED, Event.KIND_FAILED):
             return worker_pb2.EventVerdict.VERDICT_INVALID
-        lease.received = True
+        self.sessions.acknowledge(lease)
         lease.finishing = True
         assignment: messages_pb2.Assignment = lease.payload
         failed = event.kind == Event.KIND_FAILED

@@ -39,6 +39,8 @@ class WorkerSession:
     labels: dict[str, str]
     slots: int
     last_seen: float
+    window: int = 0  # most assignments that may await the worker's receipt at once (0: slots)
+    unacknowledged: int = 0  # leases whose receipt the worker has not acknowledged yet
     leases: dict[LeaseKey, Lease] = field(default_factory=dict)
     stream: Any = None  # the shell's open stream (with its send lock), when streaming
     streams_opened: int = 0
@@ -52,7 +54,9 @@ class WorkerSession:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.slots - len(self.leases))
+        """Slots it can take now: free ones, within the window of unacknowledged assignments."""
+        window = self.window or self.slots
+        return max(0, min(self.slots - len(self.leases), window - self.unacknowledged))
 
     @property
     def ready(self) -> bool:
@@ -62,7 +66,8 @@ class WorkerSession:
 class Sessions:
     """Every worker session on this dispatcher and every lease they hold."""
 
-    def __init__(self, *, remember_settled: int = 100_000) -> None:
+    def __init__(self, *, remember_settled: int = 100_000, receipt_window: int = 0) -> None:
+        self._receipt_window = receipt_window
         self._by_worker: dict[str, WorkerSession] = {}
         self._by_session: dict[str, WorkerSession] = {}
         self._leases: dict[LeaseKey, Lease] = {}
@@ -107,6 +112,7 @@ class Sessions:
             actions=actions,
             labels=labels,
             slots=slots,
+            window=min(slots, self._receipt_window) if self._receipt_window else slots,
             last_seen=now,
             stream_lost_at=now,  # no stream yet: it must show up within the reconnect grace
         )
@@ -202,6 +208,7 @@ class Sessions:
             receipt_deadline=now + ack_timeout,
         )
         session.leases[key] = lease
+        session.unacknowledged += 1
         self._leases[key] = lease
         self.changed()
         return lease
@@ -225,11 +232,25 @@ class Sessions:
         if lease is None:
             return None
         lease.session.leases.pop(key, None)
+        if not lease.received:
+            lease.session.unacknowledged -= 1
         self._settled[key] = None
         if len(self._settled) > self._remember_settled:
             self._settled.popitem(last=False)
         self.changed()
         return lease
+
+    def acknowledge(self, lease: Lease) -> bool:
+        """Record the worker's receipt of a lease; True the first time."""
+        if lease.received:
+            return False
+        lease.received = True
+        lease.session.unacknowledged -= 1
+        self.changed()
+        return True
+
+    def unacknowledged(self, session: WorkerSession) -> list[Lease]:
+        return [lease for lease in session.leases.values() if not lease.received]
 
     def overdue_receipts(self, now: float) -> list[Lease]:
         return [lease for lease in self._leases.values() if not lease.received and now > lease.receipt_deadline]

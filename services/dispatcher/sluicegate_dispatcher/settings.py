@@ -32,7 +32,7 @@ class DispatcherSettings(BaseSettings):
         default=timedelta(milliseconds=250), description="Longest wait for a worker's send lock before requeueing."
     )
     ack_timeout: PositiveDuration = Field(
-        default=timedelta(seconds=5), description="A worker must acknowledge receipt of an assignment within this."
+        default=timedelta(seconds=2), description="A worker must acknowledge receipt of an assignment within this."
     )
     heartbeat_interval: PositiveDuration = Field(
         default=timedelta(seconds=2), description="How often workers are told to heartbeat."
@@ -49,6 +49,12 @@ class DispatcherSettings(BaseSettings):
     )
     keepalive_timeout: PositiveDuration = Field(
         default=timedelta(seconds=1), description="A keepalive ping unanswered this long drops the connection."
+    )
+    receipt_window: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Most assignments a worker may have unacknowledged at once (never more than its slots).",
     )
     prefetch: int = Field(default=2000, ge=1, le=65535, description="Unsettled inbox messages held at once.")
     inbox_ttl: PositiveDuration = Field(

@@ -32,7 +32,9 @@ from sluicegate_scheduler.settings import SchedulerSettings
 log = logging.getLogger(__name__)
 
 # A worker that failed a dispatch for one of these is likely stalled or gone: others get its work first.
-STALL_REASONS = frozenset({Reason.LOCK_TIMEOUT, Reason.ACK_TIMEOUT, Reason.STREAM_BROKEN, Reason.WORKER_LOST})
+STALL_REASONS = frozenset(
+    {Reason.LOCK_TIMEOUT, Reason.STREAM_STALLED, Reason.ACK_TIMEOUT, Reason.STREAM_BROKEN, Reason.WORKER_LOST}
+)
 X_DEATH_REASONS = {"expired": Reason.LEASE_EXPIRED, "rejected": Reason.REJECTED}
 
 
