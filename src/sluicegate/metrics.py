@@ -63,8 +63,10 @@ class Snapshot(Collector):
         return list(self._produce())
 
 
-def histogram(registry: CollectorRegistry, name: str, doc: str, buckets: Iterable[float]) -> Histogram:
-    return Histogram(name, doc, buckets=tuple(buckets), registry=registry)
+def histogram(
+    registry: CollectorRegistry, name: str, doc: str, buckets: Iterable[float], labels: Iterable[str] = ()
+) -> Histogram:
+    return Histogram(name, doc, labelnames=tuple(labels), buckets=tuple(buckets), registry=registry)
 
 
 class MetricsServer:

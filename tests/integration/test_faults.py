@@ -75,8 +75,10 @@ async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack, windo
     assert scheduler.stats.requeued[caught_by.value] > 0
     if caught_by == Reason.LOCK_TIMEOUT:
         assert dispatcher.stats.lock_timeouts > 0, "sends to the deaf worker timed out on its lock"
-    # It completes what it read before going deaf, plus the one message each new session reads.
-    assert sum(1 for r in results if r.worker_id == "deaf") <= 5 + deaf.stats.registrations
+    # It runs only what it read before going deaf (a stream message may carry several assignments);
+    # everything else completes elsewhere.
+    assert sum(1 for r in results if r.worker_id == "deaf") == deaf.stats.completed <= deaf.stats.received
+    assert deaf.stats.received < total // 10
     assert sum(1 for r in results if r.worker_id != "deaf" and r.history) > 0, "its requeued tasks ran elsewhere"
     # Healthy workers never wait on the deaf one's lock. What can still happen near the end of the
     # run is that the last tasks sit unread in the deaf worker's stream until the receipt deadline

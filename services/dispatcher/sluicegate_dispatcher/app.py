@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-import aiormq
 import grpc
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError
@@ -36,23 +35,15 @@ from sluicegate.wire import grpc_options, now_ms
 from sluicegate_dispatcher.metrics import DispatcherMetrics
 from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
 from sluicegate_dispatcher.settings import DispatcherSettings
+from sluicegate_dispatcher.settlement import Delivery, Settler
 from sluicegate_dispatcher.stats import DispatcherStats
 from sluicegate_dispatcher.stream import WorkerStream
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "sluicegate.v1.WorkerService"
+Pending = tuple[messages_pb2.Assignment, Lease, trace.Span]  # an assignment about to be written
 Event = worker_pb2.TaskEvent
-
-
-class Delivery:
-    """One inbox message and how many of its assignments are not settled yet."""
-
-    __slots__ = ("message", "pending")
-
-    def __init__(self, message: AbstractIncomingMessage, pending: int) -> None:
-        self.message = message
-        self.pending = pending
 
 
 class Dispatcher:
@@ -77,12 +68,21 @@ class Dispatcher:
         self.sessions = Sessions(receipt_window=settings.receipt_window)
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics(self)
+        self._exchanges = amqp.Exchanges(self.topology)
+        self.settler = Settler(
+            topology=self.topology,
+            broker=broker,
+            exchanges=self._exchanges,
+            sessions=self.sessions,
+            stats=self.stats,
+            metrics=self.metrics,
+            clock=clock,
+        )
         self.clock = clock
         self.port = 0
         self.draining = False
         self._state = "new"
         self._connection: AbstractRobustConnection | None = None
-        self._exchanges = amqp.Exchanges(self.topology)
         self._inbox: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._server: grpc.aio.Server | None = None
@@ -191,7 +191,7 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._inbox.cancel(self._consumer_tag)
         for session in self.sessions:
-            await self._requeue_all(self.sessions.close(session), Reason.DRAINING, "dispatcher stopping")
+            await self.settler.requeue_settled(self.sessions.close(session), Reason.DRAINING, "dispatcher stopping")
             if session.stream is not None:
                 await self._tell_reconnect(session.stream)
         with contextlib.suppress(Exception):
@@ -208,194 +208,191 @@ class Dispatcher:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # The inbox: the one place that decides each message's fate.
+    # The inbox.
 
     async def _on_inbox(self, message: AbstractIncomingMessage) -> None:
         try:
             batch = messages_pb2.AssignmentBatch.FromString(message.body)
         except DecodeError:
             log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
-            await self._settle_message(message, ok=False)
+            await self.settler.settle_message(message, ok=False)
             return
         delivery = Delivery(message, len(batch.assignments))
-        self.metrics.batch_size.observe(delivery.pending)
+        self.metrics.assignment_batch.observe(delivery.pending)
         if delivery.pending == 0:
-            await self._settle_message(message, ok=True)
+            await self.settler.settle_message(message, ok=True)
             return
-        await asyncio.gather(*(self._forward(a, delivery) for a in batch.assignments))
+        # Assignments for the same worker session go out in one stream write.
+        groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
+        for assignment in batch.assignments:
+            if not await self._seen_before(assignment, delivery):
+                groups.setdefault((assignment.worker_id, assignment.session_id), []).append(assignment)
+        await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))
 
-    async def _settle_message(self, message: AbstractIncomingMessage, *, ok: bool) -> None:
-        try:
-            if ok:
-                await message.ack()
-            else:
-                await message.nack(requeue=False)  # dead-letters to `requeue` (x-death: rejected)
-        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
-            # The channel was restored since delivery: the broker redelivers it and we see it again.
-            log.debug("could not settle inbox message %s: %s", message.message_id, err)
-
-    async def _item_done(self, delivery: Delivery) -> None:
-        delivery.pending -= 1
-        if delivery.pending == 0:
-            await self._settle_message(delivery.message, ok=True)
-
-    async def _forward(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> None:
+    async def _seen_before(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> bool:
+        """Handle an assignment redelivered after a reconnect; True if there is nothing more to do."""
         key: LeaseKey = (assignment.task.task_id, assignment.attempt)
         current = self.sessions.holder_of(key)
-        if current is not None:  # redelivered after a reconnect: the lease moves to this delivery
+        if current is not None:  # still running: the lease now rides on this delivery
             self.stats.redeliveries += 1
             current.token = delivery
-            return
+            return True
         if self.sessions.was_settled(key):
             self.stats.redeliveries += 1
-            await self._item_done(delivery)
-            return
+            await self.settler.item_done(delivery)
+            return True
+        return False
+
+    async def _forward(self, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
+        """Send a worker its assignments from one inbox message, or requeue each with its reason."""
+        requeue = self.settler.requeue_many
         if self.draining:
-            await self._requeue(assignment, delivery, Reason.DRAINING, "dispatcher stopping")
+            await requeue(group, delivery, Reason.DRAINING, "dispatcher stopping")
+            return
+        valid = []
+        for assignment in group:
+            try:
+                if assignment.attempt < 1:
+                    raise InvalidInput("attempt must be at least 1")
+                check_task(assignment.task, self.settings.max_payload_bytes)
+            except InvalidInput as err:
+                await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
+                continue
+            self.sessions.count_received(assignment.worker_id, assignment.session_id)
+            valid.append(assignment)
+        if not valid:
             return
         try:
-            if assignment.attempt < 1:
-                raise InvalidInput("attempt must be at least 1")
-            check_task(assignment.task, self.settings.max_payload_bytes)
-            self.sessions.count_received(assignment.worker_id, assignment.session_id)
-            session = self.sessions.target(assignment.worker_id, assignment.session_id)
-        except InvalidInput as err:
-            await self._requeue(assignment, delivery, Reason.INVALID, str(err))
-            return
+            session = self.sessions.target(valid[0].worker_id, valid[0].session_id)
         except NotConnected as err:
-            await self._requeue(assignment, delivery, Reason.NOT_CONNECTED, str(err))
+            await requeue(valid, delivery, Reason.NOT_CONNECTED, str(err))
             return
         except NoFreeSlot as err:
-            await self._requeue(assignment, delivery, Reason.NO_SLOT, str(err))
+            await requeue(valid, delivery, Reason.NO_SLOT, str(err))
             return
+        room = session.free_slots
+        if len(valid) > room:
+            await requeue(valid[room:], delivery, Reason.NO_SLOT, f"worker {session.worker_id} has no free slot")
+            valid = valid[:room]
+        await self._send(session, valid, delivery)
+
+    async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
+        """Take the leases, then write the group in as few stream messages as the size limit allows."""
+        now = self.clock()
+        pending: list[Pending] = []
+        for assignment in group:
+            key: LeaseKey = (assignment.task.task_id, assignment.attempt)
+            span = telemetry.start(
+                f"dispatch {assignment.task.action}",
+                assignment.trace,
+                kind=SpanKind.CONSUMER,
+                attributes=telemetry.task_attributes(
+                    key[0],
+                    key[1],
+                    **{
+                        "sluicegate.worker.id": session.worker_id,
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": self.topology.inbox(self.id),
+                    },
+                ),
+            )
+            telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
+            lease = self.sessions.take(session, key, assignment, delivery, now, self._ack_timeout)
+            pending.append((assignment, lease, span))
+        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self.settings.max_payload_bytes):
+            if not await self._write(session, pending[start:end]):
+                for _, lease, span in pending[end:]:
+                    span.end()
+                    await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
+                return
+
+    async def _write(
+        self, session: WorkerSession, chunk: list[tuple[messages_pb2.Assignment, Lease, trace.Span]]
+    ) -> bool:
+        """One stream write under the send lock; on failure the chunk is requeued. True if written."""
         stream: WorkerStream = session.stream
-        span = telemetry.start(
-            f"dispatch {assignment.task.action}",
-            assignment.trace,
-            kind=SpanKind.CONSUMER,
-            attributes=telemetry.task_attributes(
-                key[0],
-                key[1],
-                **{
-                    "sluicegate.worker.id": session.worker_id,
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": self.topology.inbox(self.id),
-                },
-            ),
-        )
-        telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
-        lease = self.sessions.take(session, key, assignment, delivery, self.clock(), self._ack_timeout)
+        spans = [span for _, _, span in chunk]
         started_ns = time.time_ns()
         try:
-            waited = await stream.send(worker_pb2.ServerMessage(assignments=[assignment]), self._lock_timeout)
+            message = worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk])
+            waited = await stream.send(message, self._lock_timeout)
         except LockTimeout:
             self.stats.lock_timeouts += 1
-            self._timed_spans(span, started_ns, time.time_ns(), None)
-            telemetry.fail(span, "send lock timeout")
-            span.end()
+            self._close_spans(spans, started_ns, time.time_ns(), None, "send lock timeout")
             stream.end("send timed out; reconnect")
             self.stats.streams_ended += 1
-            await self._requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
+            for _, lease, _ in chunk:
+                await self.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
             # The stream is stalled: what the worker has not acknowledged goes elsewhere now rather
             # than after the receipt deadline. Safe even if it reads them later: a worker runs an
             # assignment only after its receipt is accepted, and these leases are gone.
             for stalled in self.sessions.unacknowledged(session):
-                await self._requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
-            return
+                await self.settler.requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
+            return False
         except StreamBroken as err:
-            telemetry.fail(span, "stream broken")
-            span.end()
+            self._close_spans(spans, started_ns, time.time_ns(), None, "stream broken")
             stream.end("stream write failed; reconnect")
-            await self._requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
-            return
-        self.stats.forwarded += 1
+            for _, lease, _ in chunk:
+                await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
+            return False
+        self.stats.forwarded += len(chunk)
         self.stats.lock_wait_total_s += waited
-        self._timed_spans(span, started_ns, started_ns + int(waited * 1e9), time.time_ns())
-        span.end()
+        self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
+        return True
 
-    def _timed_spans(self, parent: trace.Span, started_ns: int, acquired_ns: int, written_ns: int | None) -> None:
-        """Record the lock wait (from before acquisition) and the write as child spans and histograms."""
+    def _close_spans(
+        self, spans: list[trace.Span], started_ns: int, acquired_ns: int, written_ns: int | None, error: str | None
+    ) -> None:
+        """End the dispatch spans, each with the lock wait (from before acquisition) and the write as children."""
         self.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
-        ctx = trace.set_span_in_context(parent)
-        tracer = telemetry.tracer()
-        wait = tracer.start_span("send_lock.wait", context=ctx, start_time=started_ns)
-        if written_ns is None:
-            telemetry.fail(wait, "timed out")
-        wait.end(end_time=acquired_ns)
         if written_ns is not None:
             self.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
-            tracer.start_span("stream.write", context=ctx, start_time=acquired_ns).end(end_time=written_ns)
-
-    async def _requeue_lease(self, lease: Lease, reason: Reason, detail: str) -> None:
-        """Requeue a lease unless it was settled already (first to settle decides)."""
-        if lease.finishing or self.sessions.settle(lease.key) is None:
-            return
-        await self._requeue(lease.payload, lease.token, reason, detail)
-
-    async def _requeue_all(self, leases: list[Lease], reason: Reason, detail: str) -> None:
-        # `leases` come from Sessions.close, which settled them already.
-        await asyncio.gather(
-            *(self._requeue(lease.payload, lease.token, reason, detail) for lease in leases if not lease.finishing)
-        )
-
-    async def _requeue(
-        self, assignment: messages_pb2.Assignment, delivery: Delivery, reason: Reason, detail: str
-    ) -> None:
-        """Send one assignment back to the scheduler with its reason, then count it settled."""
-        record = messages_pb2.Requeue(
-            reason=reason.value,
-            detail=detail,
-            worker_id=assignment.worker_id,
-            attempt=assignment.attempt,
-            at_ms=now_ms(),
-        )
-        returned = messages_pb2.Assignment()
-        returned.CopyFrom(assignment)
-        returned.history.append(record)
-        span = telemetry.start(
-            "requeue",
-            assignment.trace,
-            kind=SpanKind.PRODUCER,
-            attributes=telemetry.task_attributes(
-                assignment.task.task_id,
-                assignment.attempt,
-                **{"sluicegate.requeue.reason": reason.value, "messaging.destination.name": self.topology.requeue},
-            ),
-        )
-        telemetry.carry(span, returned.trace)  # the reassignment continues the task's trace from here
-        body = messages_pb2.AssignmentBatch(assignments=[returned]).SerializeToString()
-        try:
-            await amqp.publish_until_confirmed(
-                self._exchanges.requeue,
-                "",
-                body,
-                headers={amqp.REASON_HEADER: reason.value},
-                timeout=self.broker.confirm_timeout_s,
-            )
-        except Unroutable:
-            log.error(
-                "the requeue queue is missing; leaving the task to the inbox TTL",
-                extra={"task_id": assignment.task.task_id},
-            )
-            return
-        finally:
+        tracer = telemetry.tracer()
+        for span in spans:
+            if not span.is_recording():
+                continue
+            ctx = trace.set_span_in_context(span)
+            wait = tracer.start_span("send_lock.wait", context=ctx, start_time=started_ns)
+            if written_ns is None:
+                telemetry.fail(wait, "timed out")
+            wait.end(end_time=acquired_ns)
+            if written_ns is not None:
+                tracer.start_span("stream.write", context=ctx, start_time=acquired_ns).end(end_time=written_ns)
+            if error is not None:
+                telemetry.fail(span, error)
             span.end()
-        log.info(
-            "requeued task %s attempt %d: %s",
-            assignment.task.task_id,
-            assignment.attempt,
-            reason.value,
-            extra={"task_id": assignment.task.task_id, "reason": reason.value},
-        )
-        self.stats.requeued[reason.value] += 1
-        await self._item_done(delivery)
 
     # Reports from workers (called by the gRPC edge).
 
-    async def report(self, session: WorkerSession, event: worker_pb2.TaskEvent) -> int:
-        """Apply one event of `session`; returns its verdict."""
-        key: LeaseKey = (event.task_id, event.attempt)
-        lease = self.sessions.holder(key, session)
+    async def report(self, session: WorkerSession, events: Sequence[worker_pb2.TaskEvent]) -> list[int]:
+        """Apply a batch of events from `session`; returns one verdict per event, in order.
+
+        Receipts are recorded at once. Terminal results are published in batches and a lease is
+        settled only after its result was confirmed; a retryable failure with retries left is
+        requeued instead. Raises PublishError if a result was not confirmed (report again).
+        """
+        verdicts: list[int] = []
+        finals: list[tuple[Lease, worker_pb2.TaskEvent]] = []
+        retries: list[tuple[Lease, worker_pb2.TaskEvent]] = []
+        for event in events:
+            verdicts.append(self._apply(session, event, finals, retries))
+        for lease, event in retries:
+            self.sessions.settle(lease.key)
+            await self.settler.requeue(lease.payload, lease.token, Reason.HANDLER_FAILED, event.error[:1000])
+        if finals:
+            await self.settler.finish(finals)
+        return verdicts
+
+    def _apply(
+        self,
+        session: WorkerSession,
+        event: worker_pb2.TaskEvent,
+        finals: list[tuple[Lease, worker_pb2.TaskEvent]],
+        retries: list[tuple[Lease, worker_pb2.TaskEvent]],
+    ) -> int:
+        if not event.task_id or event.attempt < 1:
+            return worker_pb2.EventVerdict.VERDICT_INVALID
+        lease = self.sessions.holder((event.task_id, event.attempt), session)
         if lease is None or lease.finishing:
             self.stats.stale_reports += 1
             return worker_pb2.EventVerdict.VERDICT_STALE
@@ -407,77 +404,17 @@ class Dispatcher:
             return worker_pb2.EventVerdict.VERDICT_INVALID
         self.sessions.acknowledge(lease)
         lease.finishing = True
-        assignment: messages_pb2.Assignment = lease.payload
-        failed = event.kind == Event.KIND_FAILED
-        if failed and event.retryable and assignment.run_failures < assignment.task.max_retries:
-            self.sessions.settle(key)
-            await self._requeue(assignment, lease.token, Reason.HANDLER_FAILED, event.error[:1000])
-            return worker_pb2.EventVerdict.VERDICT_ACCEPTED
-        result = self._result(lease, event)
-        span = telemetry.start(
-            f"complete {assignment.task.action}",
-            assignment.trace,
-            kind=SpanKind.PRODUCER,
-            attributes=telemetry.task_attributes(
-                key[0], key[1], **{"sluicegate.task.status": "failed" if failed else "completed"}
-            ),
-        )
-        if failed:
-            telemetry.fail(span, event.error[:200])
-        telemetry.carry(span, result.trace)
-        try:
-            await self.publish_result(result, assignment.task.reply_to)
-        except PublishError:
-            lease.finishing = False  # the worker retries the report
-            raise
-        finally:
-            span.end()
-        if assignment.task.submitted_at_ms:
-            self.metrics.task_latency.observe(
-                max(0.0, (result.finished_at_ms - assignment.task.submitted_at_ms) / 1000)
-            )
-        self.stats.failed += failed
-        self.stats.completed += not failed
-        self.sessions.settle(key)
-        await self._item_done(lease.token)
+        task = lease.payload.task
+        if event.kind == Event.KIND_FAILED and event.retryable and lease.payload.run_failures < task.max_retries:
+            retries.append((lease, event))
+        else:
+            finals.append((lease, event))
         return worker_pb2.EventVerdict.VERDICT_ACCEPTED
-
-    @staticmethod
-    def _result(lease: Lease, event: worker_pb2.TaskEvent) -> messages_pb2.TaskResult:
-        assignment: messages_pb2.Assignment = lease.payload
-        task = assignment.task
-        failed = event.kind == Event.KIND_FAILED
-        return messages_pb2.TaskResult(
-            task_id=task.task_id,
-            status=messages_pb2.TASK_STATUS_FAILED if failed else messages_pb2.TASK_STATUS_COMPLETED,
-            output=event.output,
-            error=event.error,
-            attempt=assignment.attempt,
-            worker_id=lease.session.worker_id,
-            submitted_at_ms=task.submitted_at_ms,
-            finished_at_ms=now_ms(),
-            history=assignment.history,
-            trace=task.trace,
-        )
-
-    async def publish_result(self, result: messages_pb2.TaskResult, reply_to: str) -> None:
-        body = messages_pb2.TaskResultBatch(results=[result]).SerializeToString()
-        try:
-            await amqp.publish(
-                self._exchanges.events,
-                self.topology.result_key(reply_to),
-                body,
-                timeout=self.broker.confirm_timeout_s,
-            )
-        except Unroutable:
-            # The submitting client has gone; the result has nobody to go to. Counted, logged.
-            self.stats.results_unclaimed += 1
-            log.warning("result of task %s has no listener (client %s gone)", result.task_id, reply_to)
 
     async def lose_session(self, session: WorkerSession, reason: Reason, detail: str) -> None:
         if session.stream is not None:
             session.stream.end(detail)
-        await self._requeue_all(self.sessions.close(session), reason, detail)
+        await self.settler.requeue_settled(self.sessions.close(session), reason, detail)
 
     # Background loops.
 
@@ -499,7 +436,9 @@ class Dispatcher:
                 if stream is not None:
                     stream.end("receipt not acknowledged in time; reconnect")
                     self.stats.streams_ended += 1
-                await self._requeue_lease(lease, Reason.ACK_TIMEOUT, "worker did not acknowledge receipt in time")
+                await self.settler.requeue_lease(
+                    lease, Reason.ACK_TIMEOUT, "worker did not acknowledge receipt in time"
+                )
 
     async def _publish_state(self) -> None:
         interval = self.settings.state_interval.total_seconds()
@@ -544,3 +483,16 @@ class Dispatcher:
             persistent=False,
             timeout=self.broker.confirm_timeout_s,
         )
+
+
+def _chunks(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Split consecutive items into (start, end) runs whose sizes add up to at most `budget` (one at least)."""
+    runs, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > budget:
+            runs.append((start, index))
+            start, total = index, 0
+        total += size
+    if sizes:
+        runs.append((start, len(sizes)))
+    return runs

@@ -43,7 +43,11 @@ class DispatcherMetrics:
         self.task_latency = histogram(
             r, "sluicegate_task_latency_seconds", "From submit to the terminal result.", LATENCY_BUCKETS
         )
-        self.batch_size = histogram(r, "sluicegate_batch_size", "Assignments per inbox message.", BATCH_BUCKETS)
+        batch_size = histogram(
+            r, "sluicegate_batch_size", "Items per AMQP message, by kind.", BATCH_BUCKETS, labels=["kind"]
+        )
+        self.assignment_batch = batch_size.labels(kind="assignments")
+        self.result_batch = batch_size.labels(kind="results")
         r.register(Snapshot(self._snapshot))
 
     def _snapshot(self) -> Iterable[Metric]:

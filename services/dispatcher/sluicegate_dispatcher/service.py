@@ -136,20 +136,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if len(request.events) > MAX_EVENTS_PER_REPORT:
             raise InvalidInput(f"a report may carry at most {MAX_EVENTS_PER_REPORT} events")
         self.d.sessions.seen(session, self.d.clock())
-        response = worker_pb2.ReportResponse()
-        for event in request.events:
-            verdict: int
-            if not event.task_id or event.attempt < 1:
-                verdict = worker_pb2.EventVerdict.VERDICT_INVALID
-            else:
-                try:
-                    verdict = await self.d.report(session, event)
-                except PublishError as err:
-                    raise PublishError("the broker did not confirm the result; report again") from err
-            response.verdicts.append(
-                worker_pb2.EventVerdict(task_id=event.task_id, attempt=event.attempt, verdict=verdict)  # type: ignore[arg-type]
-            )
-        return response
+        try:
+            verdicts = await self.d.report(session, request.events)
+        except PublishError as err:
+            raise PublishError("the broker did not confirm a result; report again") from err
+        return worker_pb2.ReportResponse(
+            verdicts=[
+                worker_pb2.EventVerdict(task_id=e.task_id, attempt=e.attempt, verdict=v)  # type: ignore[arg-type]
+                for e, v in zip(request.events, verdicts, strict=True)
+            ]
+        )
 
     @edge
     async def Heartbeat(

@@ -19,8 +19,8 @@ class SchedulerMetrics:
         self._s = scheduler
         self.registry = CollectorRegistry()
         self.batch_size = histogram(
-            self.registry, "sluicegate_batch_size", "Assignments per published AMQP message.", BATCH_BUCKETS
-        )
+            self.registry, "sluicegate_batch_size", "Items per AMQP message, by kind.", BATCH_BUCKETS, labels=["kind"]
+        ).labels(kind="assignments")
         self.registry.register(Snapshot(self._snapshot))
 
     def _snapshot(self) -> Iterable[Metric]:
