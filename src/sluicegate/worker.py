@@ -114,8 +114,13 @@ def _encode(output: Any) -> bytes:
 class _Reporter:
     """Sends events of one session in batches; each caller awaits its own verdict."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str) -> None:
+    MAX_EVENTS = 1000
+
+    def __init__(
+        self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str, max_bytes: int
+    ) -> None:
         self._stub, self._worker_id, self._session_id = stub, worker_id, session_id
+        self._max_bytes = max_bytes
         self._queue: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self.lost = False
@@ -127,6 +132,17 @@ class _Reporter:
         self._queue.append((event, future))
         self._wake.set()
         return await future
+
+    def _take_batch(self) -> list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]:
+        """The oldest events that fit in one request (at least one): outputs can be large."""
+        size, count = 0, 0
+        for event, _ in self._queue[: self.MAX_EVENTS]:
+            size += event.ByteSize() + 8
+            if count and size > self._max_bytes:
+                break
+            count += 1
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        return batch
 
     def fail_all(self) -> None:
         self.lost = True
@@ -141,14 +157,16 @@ class _Reporter:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue[:1000], self._queue[1000:]
+                batch = self._take_batch()
                 request = worker_pb2.ReportRequest(
                     worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
                 )
                 try:
                     response = await self._stub.Report(request, timeout=30)
                 except grpc.aio.AioRpcError as err:
-                    if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    # Refused as such (too large, malformed): retrying the same batch cannot help.
+                    refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    if err.code() == grpc.StatusCode.NOT_FOUND or err.code() in refused:
                         for _, future in batch:
                             future.set_result(Verdict.VERDICT_STALE)
                         if err.code() == grpc.StatusCode.NOT_FOUND:
@@ -303,7 +321,7 @@ class Worker:
             )
             self.worker_id = reply.worker_id
             self.stats.registrations += 1
-            reporter = _Reporter(stub, reply.worker_id, reply.session_id)
+            reporter = _Reporter(stub, reply.worker_id, reply.session_id, s.max_payload_bytes)
             interval = reply.heartbeat_interval_ms / 1000 or s.heartbeat_interval.total_seconds()
             backoff.reset()
             self.registered.set()
@@ -416,7 +434,10 @@ class Worker:
                 raise PermanentError(f"this worker has no handler for {task.action!r}")
             async with asyncio.timeout(task.timeout_ms / 1000 if task.timeout_ms else None):
                 output = await handler(context)
-            final.kind, final.output = Event.KIND_COMPLETED, _encode(output)
+            encoded = _encode(output)
+            if len(encoded) > self.settings.max_payload_bytes:
+                raise PermanentError(f"output is {len(encoded)} bytes; the limit is {self.settings.max_payload_bytes}")
+            final.kind, final.output = Event.KIND_COMPLETED, encoded
         except TimeoutError:
             final.kind, final.error, final.retryable = Event.KIND_FAILED, f"timed out after {task.timeout_ms} ms", True
         except PermanentError as err:

@@ -111,3 +111,34 @@ async def test_handler_failure_is_retried_then_reported_failed(stack: Stack) -> 
     assert result.attempt == 3
     assert scheduler.stats.requeued[Reason.HANDLER_FAILED.value] == 2
     assert scheduler.stats.dead == 0
+
+
+async def test_large_outputs_are_reported_in_requests_that_fit_and_oversized_ones_fail_clearly(stack: Stack) -> None:
+    from sluicegate.worker import WorkerSettings
+
+    await stack.start_scheduler()
+    limit = 64 * 1024
+    dispatcher = await stack.start_dispatcher(max_payload_bytes=limit)
+    worker = Worker(
+        f"127.0.0.1:{dispatcher.port}",
+        worker_id="bulky",
+        settings=WorkerSettings(slots=32, max_payload_bytes=limit),
+    )
+
+    @worker.action("grow")
+    async def grow(ctx: TaskContext) -> bytes:
+        return bytes(int(ctx.payload))
+
+    await stack.start_worker(dispatcher, "bulky", worker=worker)
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+
+    # 64 outputs of 60 KiB finish together: their reports need many requests under the 64 KiB limit.
+    ids = await client.submit_many([TaskSpec("grow", str(60 * 1024)) for _ in range(64)])
+    too_big = await client.submit("grow", str(limit + 1))
+    results = await asyncio.wait_for(asyncio.gather(*(client.result(i) for i in ids)), 30)
+    assert all(r.status == COMPLETED and len(r.output) == 60 * 1024 for r in results)
+    failed = await client.result(too_big, timeout=10)
+    assert failed.status == messages_pb2.TASK_STATUS_FAILED
+    assert f"output is {limit + 1} bytes; the limit is {limit}" in failed.error
+    assert dispatcher.stats.requeued == {}, "nothing timed out waiting for a receipt"
