@@ -115,12 +115,14 @@ class _Reporter:
     """Sends events of one session in batches; each caller awaits its own verdict."""
 
     MAX_EVENTS = 1000
+    MAX_IN_FLIGHT = 4
 
     def __init__(
         self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str, max_bytes: int
     ) -> None:
         self._stub, self._worker_id, self._session_id = stub, worker_id, session_id
         self._max_bytes = max_bytes
+        self._in_flight = asyncio.Semaphore(self.MAX_IN_FLIGHT)
         self._queue: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self.lost = False
@@ -152,34 +154,48 @@ class _Reporter:
         self._queue.clear()
 
     async def run(self) -> None:
+        """Send queued events, several requests in flight so receipts never wait behind results."""
+        async with asyncio.TaskGroup() as group:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    await self._in_flight.acquire()
+                    group.create_task(self._send(self._take_batch()))
+
+    async def _send(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
+        try:
+            await self._send_until_answered(batch)
+        finally:
+            self._in_flight.release()
+
+    async def _send_until_answered(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
         backoff = Backoff()
+        request = worker_pb2.ReportRequest(
+            worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
+        )
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = self._take_batch()
-                request = worker_pb2.ReportRequest(
-                    worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
-                )
-                try:
-                    response = await self._stub.Report(request, timeout=30)
-                except grpc.aio.AioRpcError as err:
-                    # Refused as such (too large, malformed): retrying the same batch cannot help.
-                    refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                    if err.code() == grpc.StatusCode.NOT_FOUND or err.code() in refused:
-                        for _, future in batch:
+            try:
+                response = await self._stub.Report(request, timeout=30)
+            except grpc.aio.AioRpcError as err:
+                # Refused as such (too large, malformed): retrying the same batch cannot help.
+                refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if err.code() == grpc.StatusCode.NOT_FOUND or err.code() in refused:
+                    for _, future in batch:
+                        if not future.done():
                             future.set_result(Verdict.VERDICT_STALE)
-                        if err.code() == grpc.StatusCode.NOT_FOUND:
-                            self.fail_all()
-                            raise SessionLost from err
-                        continue
-                    self._queue[:0] = batch  # keep them, in order, and try again
-                    await asyncio.sleep(backoff.next())
-                    continue
-                backoff.reset()
-                for (_, future), verdict in zip(batch, response.verdicts, strict=False):
-                    if not future.done():
-                        future.set_result(verdict.verdict)
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        self.fail_all()
+                        raise SessionLost from err
+                    return
+                if self.lost:
+                    return
+                await asyncio.sleep(backoff.next())  # unavailable for now: the same events again
+                continue
+            for (_, future), verdict in zip(batch, response.verdicts, strict=False):
+                if not future.done():
+                    future.set_result(verdict.verdict)
+            return
 
 
 class Worker:
