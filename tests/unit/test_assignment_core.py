@@ -427,11 +427,6 @@ def test_requeue_front_of_several_items_keeps_their_order() -> None:
     assert [waiting.pop(key) for _ in range(4)] == [0, 1, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="requeue_front orders put-back items by when they were put back, not by when they arrived: "
-    "two batches whose publishes fail in the opposite order come back newer batch first",
-)
 def test_requeued_batches_come_back_oldest_first() -> None:
     waiting = Waiting()
     key = ("t", "a")

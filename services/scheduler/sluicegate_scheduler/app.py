@@ -73,6 +73,7 @@ class SchedulerStats:
     dead: int = 0
     rejected: int = 0
     duplicate_requeues: int = 0
+    duplicate_tasks: int = 0
     unroutable_assignments: int = 0
 
 
@@ -104,6 +105,9 @@ class Scheduler:
         self._exchanges = amqp.Exchanges(self.topology)
         self._wake = asyncio.Event()
         self._requeued: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # Task id -> its Pending until placed or buried, then None: a task message redelivered after
+        # a reconnect (or published twice by a client retry) must not place the same attempt twice.
+        self._tasks_seen: OrderedDict[str, Pending | None] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str]] = []
 
@@ -134,8 +138,11 @@ class Scheduler:
             t.scheduler_state_queue(self.instance_id), durable=False, exclusive=True, auto_delete=True
         )
         await state_queue.bind(t.events, routing_key="state.*")
-        tasks_queue = await channel.get_queue(t.tasks, ensure=False)
-        requeue_queue = await channel.get_queue(t.requeue, ensure=False)
+        # Passively declared, not just named (`ensure=False`): only a queue the robust channel
+        # declared is re-declared after a reconnect, and with it the consumer; otherwise the
+        # scheduler silently stops consuming after the first lost broker connection.
+        tasks_queue = await channel.declare_queue(t.tasks, passive=True)
+        requeue_queue = await channel.declare_queue(t.requeue, passive=True)
         self._spawn(self._pump(), "pump")
         self._spawn(self._forget_silent(), "forget")
         self._consumers.append((state_queue, await state_queue.consume(self._on_state, no_ack=True)))
@@ -201,6 +208,15 @@ class Scheduler:
             await self._settle(source.message)
         for task in batch.tasks:
             self.stats.received += 1
+            if task.task_id in self._tasks_seen:
+                self.stats.duplicate_tasks += 1
+                known = self._tasks_seen[task.task_id]
+                if known is None:  # placed already: this copy has nothing left to do
+                    await self._done(source)
+                else:  # still waiting: the newer delivery carries it now (the older one is settled)
+                    older, known.source = known.source, source
+                    await self._done(older)
+                continue
             try:
                 check_task(task, self.settings.max_payload_bytes)
             except InvalidInput as err:
@@ -208,7 +224,11 @@ class Scheduler:
                 record = messages_pb2.Requeue(reason=Reason.INVALID.value, detail=str(err), at_ms=now_ms())
                 await self._bury(Pending(task=task, source=source, history=[record]), messages_pb2.TASK_STATUS_REJECTED)
                 continue
-            self._wait(Pending(task=task, source=source, trace=dict(task.trace)))
+            item = Pending(task=task, source=source, trace=dict(task.trace))
+            self._tasks_seen[task.task_id] = item
+            if len(self._tasks_seen) > self.settings.remember_requeues:
+                self._tasks_seen.popitem(last=False)
+            self._wait(item)
 
     async def _on_requeue(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -354,6 +374,8 @@ class Scheduler:
         self.stats.assigned += len(placed)
         for item, _, _, span in placed:
             span.end()
+            self.waiting.placed(item)
+            self._forget_pending(item)
             await self._done(item.source)
 
     async def _bury(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> None:
@@ -403,6 +425,7 @@ class Scheduler:
                     messages_pb2.TaskResultBatch(results=[result]).SerializeToString(),
                     timeout=self.broker.confirm_timeout_s,
                 )
+        self._forget_pending(item)
         await self._done(item.source)
 
     async def _bury_raw(self, message: AbstractIncomingMessage, why: str) -> None:
@@ -411,6 +434,10 @@ class Scheduler:
             self._exchanges.dead, "", message.body, headers={amqp.REASON_HEADER: "undecodable"}
         )
         await self._settle(message)
+
+    def _forget_pending(self, item: Pending) -> None:
+        if self._tasks_seen.get(item.task.task_id) is item:
+            self._tasks_seen[item.task.task_id] = None
 
     async def _done(self, source: Source) -> None:
         source.pending -= 1

@@ -69,6 +69,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
+        self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
         self._cooling: dict[str, tuple[float, int]] = {}  # worker id -> (last resort until, strikes)
 
     def __iter__(self) -> Iterator[WorkerView]:
@@ -98,19 +99,32 @@ class WorkerPool:
                 reported_free=w.free_slots,
                 reported_received=w.received,
                 ready=w.ready and not draining,
-                sent=previous.sent if previous else 0,
+                # Never below what the dispatcher consumed: a redelivered or re-published assignment
+                # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
+                sent=max(previous.sent if previous else 0, w.received),
             )
         self._dispatchers[dispatcher_id] = fresh
+        self._lanes.clear()
         return True
+
+    def _lane(self, tenant: str, action: str) -> list[WorkerView]:
+        """The workers of a tenant that serve an action, indexed once per change of the view."""
+        lane = self._lanes.get((tenant, action))
+        if lane is None:
+            lane = self._lanes[(tenant, action)] = [w for w in self if w.tenant == tenant and action in w.actions]
+        return lane
 
     def forget(self, dispatcher_id: str) -> None:
         self._dispatchers.pop(dispatcher_id, None)
+        self._lanes.clear()
 
     def forget_silent(self, now: float, stale_after: float) -> list[str]:
         """Drop dispatchers not heard from within `stale_after` seconds; returns their ids."""
         gone = [d for d, v in self._dispatchers.items() if now - v.seen_at > stale_after]
         for d in gone:
             del self._dispatchers[d]
+        if gone:
+            self._lanes.clear()
         return gone
 
     def cool_down(self, worker_id: str, now: float, base: float, longest: float = 60.0) -> None:
@@ -141,7 +155,7 @@ class WorkerPool:
         best: WorkerView | None = None
         best_score = -1.0
         fallback: WorkerView | None = None
-        workers = list(self)
+        workers = self._lane(tenant, action)
         # Start the scan at a rotating offset and keep the first best: equal workers take turns.
         start = next(self._rotation) % len(workers) if workers else 0
         for w in workers[start:] + workers[:start]:
@@ -185,6 +199,7 @@ class Waiting:
         self._queues: dict[tuple[str, str], list[_Entry]] = {}
         self._seq = itertools.count()
         self._size = 0
+        self._taken: dict[int, int] = {}  # id of a popped item -> its arrival order, until placed
 
     def __len__(self) -> int:
         return self._size
@@ -206,9 +221,17 @@ class Waiting:
         if not queue:
             del self._queues[key]
         self._size -= 1
+        self._taken[id(entry.item)] = entry.seq
         return entry.item
 
+    def placed(self, item: Any) -> None:
+        """Forget a popped item for good: it found a worker."""
+        self._taken.pop(id(item), None)
+
     def requeue_front(self, key: tuple[str, str], item: Any, priority: int) -> None:
-        """Put an item back ahead of new arrivals of its priority; items put back keep their order."""
-        heapq.heappush(self._queues.setdefault(key, []), _Entry(-priority, 0, next(self._seq), item))
+        """Put a popped item back ahead of new arrivals of its priority, in its original arrival order."""
+        seq = self._taken.pop(id(item), None)
+        heapq.heappush(
+            self._queues.setdefault(key, []), _Entry(-priority, 0, next(self._seq) if seq is None else seq, item)
+        )
         self._size += 1
