@@ -2,7 +2,8 @@
 PYTHON ?= .venv/bin/python
 LINTED := src services tests scripts
 
-.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo clean
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench clean
+BENCH_ARGS ?= --wait-quiet 300 --record
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -36,6 +37,13 @@ test-integration: venv
 
 demo: venv
 	.venv/bin/sluicegate demo
+
+bench: venv .venv/.bench-installed
+	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)
+
+.venv/.bench-installed: pyproject.toml
+	.venv/bin/pip install --quiet -e '.[bench]'
+	touch $@
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

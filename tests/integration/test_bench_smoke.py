@@ -1,0 +1,129 @@
+"""The benchmark end to end with tiny numbers: it runs, cleans up after itself, and its figures are sane.
+
+Runs `python -m sluicegate.bench --quick` as a subprocess against the test broker (the Celery part
+only when Celery is installed) and checks the JSON it writes, not the speeds themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(90)
+
+HAS_CELERY = importlib.util.find_spec("celery") is not None
+
+
+def _processes_of_run(run_id: str) -> list[int]:
+    """Live processes the benchmark run started (each carries SLUICEGATE_BENCH_RUN=<run id>)."""
+    marker = f"SLUICEGATE_BENCH_RUN={run_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    record = tmp_path / "BENCHMARKS.md"
+    argv = [
+        sys.executable,
+        "-m",
+        "sluicegate.bench",
+        "--quick",
+        "--tasks",
+        "300",
+        "--many-workers",
+        "30",
+        "--idle-streams",
+        "50",
+        "--duration",
+        "1.5",
+        "--celery-tasks",
+        "200",
+        "--json",
+        str(out),
+        "--record",
+        str(record),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
+    if not HAS_CELERY:
+        argv += ["--skip", "celery"]
+    started = time.monotonic()
+    done = subprocess.run(
+        argv,
+        env={**os.environ, "RABBITMQ_URL": rabbitmq_url},
+        capture_output=True,
+        text=True,
+        timeout=85,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert elapsed < 60, f"the quick benchmark took {elapsed:.0f} s"
+
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == {}
+
+    tp = figures["throughput"]
+    assert tp["received"] == tp["tasks"] == 300
+    assert tp["failed"] == 0
+    assert 10 < tp["tasks_per_s"] < 1_000_000
+    assert set(tp["cpu_us_per_task"]) >= {"scheduler", "dispatcher", "workers", "client"}
+    assert all(0 < v < 1_000_000 for k, v in tp["cpu_us_per_task"].items() if k != "broker")
+
+    for key in ("20", "30"):
+        lat = figures["latency"][key]
+        assert lat["received"] == lat["submitted"] > 0
+        assert lat["offered_per_s"] == pytest.approx(tp["tasks_per_s"] / 2, rel=0.01)
+        receipt, result = lat["receipt_ms"], lat["result_ms"]
+        assert receipt["count"] == result["count"] == lat["received"]
+        assert 0 < receipt["p50"] <= receipt["p90"] <= receipt["p99"] <= receipt["max"] < 60_000
+        assert receipt["p50"] < result["p50"], "a result comes back after the handler started"
+
+    stall = figures["stall"]
+    assert stall["stalled"] == 2
+    (open_loop,) = stall["open_loop"]
+    assert open_loop["latency"]["received"] > 0
+    assert not math.isnan(open_loop["latency"]["receipt_ms"]["p99"])
+    assert open_loop["baseline_receipt_p99_ms"] == figures["latency"]["20"]["receipt_ms"]["p99"]
+    assert stall["throughput"]["healthy_tasks_per_s"] > 0
+    # The stalled workers held tasks until the receipt deadline: those were requeued and ran elsewhere.
+    requeued = open_loop["requeues"]["tasks"] + stall["throughput"]["requeues"]["tasks"]
+    assert requeued > 0
+
+    lock = figures["lock"]
+    assert lock["uncontended_per_s"] > 10_000
+    assert lock["contended_handoffs_per_s"] > 1_000
+
+    memory = figures["memory"]
+    assert memory["streams"] == 50
+    assert memory["rss_after_bytes"] > memory["rss_before_bytes"] > 0
+
+    if HAS_CELERY:
+        (run,) = figures["celery"]["runs"]
+        assert run["received"] == run["tasks"] == 200
+        assert run["tasks_per_s"] > 0
+    else:
+        assert "celery" not in figures
+
+    assert "end-to-end throughput" in done.stdout
+    rows = [line for line in record.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1, "one row recorded"
+
+    # Every process it started is gone.
+    assert _processes_of_run(figures["meta"]["run_id"]) == []
