@@ -24,6 +24,11 @@ def tracer() -> Tracer:
     return trace.get_tracer(TRACER)
 
 
+def enabled() -> bool:
+    """Whether any tracer provider was installed; without one every span would be thrown away."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def setup_tracing(service_name: str) -> Any | None:
     """Install an OTLP-exporting tracer provider if an endpoint is configured; returns it, or None.
 
@@ -66,6 +71,8 @@ def start(
     start_time: int | None = None,
 ) -> Span:
     """Start a span whose parent is the context in `carrier` (or the current one)."""
+    if not enabled():
+        return trace.INVALID_SPAN  # no provider: skip the work of building a span nobody keeps
     ctx = parent(carrier) if carrier else None
     return tracer().start_span(name, context=ctx, kind=kind, attributes=attributes, start_time=start_time)
 
@@ -99,12 +106,17 @@ def grpc_filter() -> Any:
 
 
 def grpc_server_interceptors() -> Sequence[Any]:
+    """The gRPC instrumentation, only when tracing is on: it costs a sixth of a dispatcher's CPU."""
+    if not enabled():
+        return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     return [aio_server_interceptor(filter_=grpc_filter())]  # type: ignore[no-untyped-call]
 
 
 def grpc_client_interceptors() -> Sequence[Any]:
+    if not enabled():
+        return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return list(aio_client_interceptors(filter_=grpc_filter()))  # type: ignore[no-untyped-call]

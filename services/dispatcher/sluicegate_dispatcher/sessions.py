@@ -186,12 +186,16 @@ class Sessions:
             session.stream_lost_at = now
 
     def lost(self, now: float, *, heartbeat_timeout: float, reconnect_grace: float) -> list[WorkerSession]:
-        """Sessions to give up on: silent too long, or without a stream and no sign of life since."""
+        """Sessions to give up on: silent too long, or whose stream dropped with no sign of life since.
+
+        A session that never streamed holds no lease, so only silence loses it: under load its first
+        Listen may come later than the reconnect grace after Register.
+        """
         return [
             s
             for s in self._by_session.values()
             if now - s.last_seen > heartbeat_timeout
-            or (s.stream_lost_at is not None and now - s.stream_lost_at > reconnect_grace)
+            or (s.streams_opened and s.stream_lost_at is not None and now - s.stream_lost_at > reconnect_grace)
         ]
 
     # Leases.

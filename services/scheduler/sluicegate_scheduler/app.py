@@ -109,6 +109,8 @@ class Scheduler:
         # a reconnect (or published twice by a client retry) must not place the same attempt twice.
         self._tasks_seen: OrderedDict[str, Pending | None] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
+        self._outbox: dict[str, list[Placed]] = {}  # placed, not yet published, per dispatcher
+        self._sending: set[str] = set()  # dispatchers with a publish in flight
         self._consumers: list[tuple[AbstractQueue, str]] = []
 
     @property
@@ -316,10 +318,25 @@ class Scheduler:
                     assignment, span = self._assignment(item, worker)
                     batches.setdefault(worker.dispatcher_id, []).append((item, assignment, worker, span))
             for dispatcher_id, placed in batches.items():
-                for start in range(0, len(placed), self.settings.max_batch):
-                    self._spawn(
-                        self._publish(dispatcher_id, placed[start : start + self.settings.max_batch]), "publish"
-                    )
+                self._outbox.setdefault(dispatcher_id, []).extend(placed)
+                if dispatcher_id not in self._sending:
+                    self._sending.add(dispatcher_id)
+                    self._spawn(self._send_outbox(dispatcher_id), "publish")
+
+    async def _send_outbox(self, dispatcher_id: str) -> None:
+        """One publish in flight per dispatcher; what is placed meanwhile goes in the next, larger one.
+
+        A lone task goes out at once; under load batches grow up to max_batch by themselves.
+        """
+        try:
+            while queue := self._outbox.get(dispatcher_id):
+                batch = queue[: self.settings.max_batch]
+                del queue[: len(batch)]
+                await self._publish(dispatcher_id, batch)
+        finally:
+            self._sending.discard(dispatcher_id)
+            if not self._outbox.get(dispatcher_id):
+                self._outbox.pop(dispatcher_id, None)
 
     def _assignment(self, item: Pending, worker: WorkerView) -> tuple[messages_pb2.Assignment, Span]:
         span = telemetry.start(
