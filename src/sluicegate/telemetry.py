@@ -24,9 +24,25 @@ def tracer() -> Tracer:
     return trace.get_tracer(TRACER)
 
 
+_installed = False
+
+
+def install(provider: Any) -> None:
+    """Make `provider` the global tracer provider and turn span building on."""
+    global _installed
+    trace.set_tracer_provider(provider)
+    _installed = True
+
+
 def enabled() -> bool:
-    """Whether any tracer provider was installed; without one every span would be thrown away."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    """Whether a tracer provider was installed; without one every span would be thrown away.
+
+    Remembered once true: asking OpenTelemetry each time reads the environment on the hot path.
+    """
+    global _installed
+    if not _installed:
+        _installed = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return _installed
 
 
 def setup_tracing(service_name: str) -> Any | None:
@@ -46,7 +62,7 @@ def setup_tracing(service_name: str) -> Any | None:
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"sluicegate-{service_name}")})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+    install(provider)
     return provider
 
 

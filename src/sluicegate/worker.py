@@ -115,7 +115,7 @@ class _Reporter:
     """Sends events of one session in batches; each caller awaits its own verdict."""
 
     MAX_EVENTS = 1000
-    MAX_IN_FLIGHT = 4
+    MAX_IN_FLIGHT = 2
 
     def __init__(
         self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str, max_bytes: int
@@ -376,11 +376,13 @@ class Worker:
     async def _listen(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: _Reporter) -> None:
         backoff = Backoff(cap=1.0)
         request = worker_pb2.ListenRequest(worker_id=self.worker_id, session_id=session_id)
+        unavailable = 0  # Listen calls in a row that ended UNAVAILABLE without a single message
         while True:
             call = stub.Listen(request)
             try:
                 async for message in call:
                     backoff.reset()
+                    unavailable = 0
                     await self._reading.wait()
                     for control in message.controls:
                         if control.kind == worker_pb2.Control.KIND_RECONNECT:
@@ -393,6 +395,11 @@ class Worker:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     raise SessionLost from err
+                unavailable += err.code() == grpc.StatusCode.UNAVAILABLE
+                if unavailable >= 3:
+                    # A dead dispatcher never answers NOT_FOUND: without this the worker would retry
+                    # it forever instead of registering with the next address it was given.
+                    raise SessionLost(f"dispatcher unreachable ({_why(err)})") from err
                 log.debug("stream from dispatcher ended: %s", _why(err))
             self.stats.reconnects += 1
             await asyncio.sleep(backoff.next())

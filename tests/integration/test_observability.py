@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluicegate import telemetry
 from sluicegate.metrics import MetricsServer
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
@@ -33,7 +34,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
+        telemetry.install(provider)
     _EXPORTER.clear()
     yield _EXPORTER
     _EXPORTER.clear()
