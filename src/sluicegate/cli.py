@@ -167,7 +167,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from sluicegate.demo import run_demo
 
     return await run_demo(
-        _broker(args), workers=args.workers, tasks=args.tasks, payload_bytes=args.payload_bytes, stall=not args.no_stall
+        _broker(args),
+        workers=args.workers,
+        tasks=args.tasks,
+        payload_bytes=args.payload_bytes,
+        stall=not args.no_stall,
+        rate=args.rate,
     )
 
 
@@ -216,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="run the whole pipeline locally with a worker that stalls")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--tasks", type=int, default=3000)
-    p.add_argument("--payload-bytes", type=int, default=64 * 1024)
+    p.add_argument("--payload-bytes", type=int, default=8 * 1024)
+    p.add_argument("--rate", type=int, default=300, help="tasks submitted per second")
     p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
     p.set_defaults(run=cmd_demo)
 

@@ -31,10 +31,14 @@ async def _stall_when_busy(worker: Worker) -> None:
     worker.stop_reading()
 
 
-async def run_demo(broker: BrokerSettings, *, workers: int, tasks: int, payload_bytes: int, stall: bool) -> int:
+async def run_demo(
+    broker: BrokerSettings, *, workers: int, tasks: int, payload_bytes: int, stall: bool, rate: int = 300
+) -> int:
     """Push `tasks` tasks through; print what happened. Returns 0 when every task has a result."""
     if not 2 <= workers <= 64 or not 1 <= tasks <= 200_000 or not 0 <= payload_bytes <= 512 * 1024:
         raise InvalidInput("demo takes 2-64 workers, 1-200000 tasks and payloads up to 512 KiB")
+    if not 1 <= rate <= 100_000:
+        raise InvalidInput("demo --rate must be between 1 and 100000 tasks a second")
     broker = broker.model_copy(update={"prefix": f"{broker.prefix}-demo-{uuid.uuid4().hex[:8]}"})
     dispatcher_settings = DispatcherSettings(
         listen="127.0.0.1:0", ack_timeout=timedelta(seconds=3), drain_grace=timedelta(seconds=1)
@@ -42,7 +46,7 @@ async def run_demo(broker: BrokerSettings, *, workers: int, tasks: int, payload_
     dispatcher = Dispatcher(dispatcher_settings, broker)
     try:
         async with Scheduler(SchedulerSettings(), broker) as scheduler, dispatcher:
-            code = await _run_fleet(broker, tasks, payload_bytes, stall, workers, scheduler, dispatcher)
+            code = await _run_fleet(broker, tasks, payload_bytes, stall, workers, scheduler, dispatcher, rate)
     finally:
         await _clean(broker, dispatcher.id)
     return code
@@ -56,12 +60,11 @@ async def _run_fleet(
     workers: int,
     scheduler: Scheduler,
     dispatcher: Dispatcher,
+    rate: int,
 ) -> int:
     address = f"127.0.0.1:{dispatcher.port}"
     fleet = [demo_worker(address, 16, f"worker-{i + 1}") for i in range(workers - 1)]
-    # The deaf worker has many slots so that its unread assignments fill the HTTP/2 window and
-    # later sends to it time out on the send lock instead of piling up.
-    deaf = demo_worker(address, 128, "worker-deaf")
+    deaf = demo_worker(address, 16, "worker-deaf")
     fleet.append(deaf)
     async with contextlib.AsyncExitStack() as stack:
         for worker in fleet:
@@ -70,8 +73,8 @@ async def _run_fleet(
         if stall:
             stack.push_async_callback(_cancel, asyncio.create_task(_stall_when_busy(deaf)))
         what = f"worker-deaf stops reading its stream after {STALL_AFTER} tasks" if stall else "no stall"
-        print(f"Sluicegate demo: {tasks} tasks over {workers} workers on {broker.prefix}; {what}")
-        return await _push(broker, tasks, payload_bytes, scheduler, dispatcher, fleet)
+        print(f"Sluicegate demo: {tasks} tasks at {rate}/s over {workers} workers on {broker.prefix}; {what}")
+        return await _push(broker, tasks, payload_bytes, scheduler, dispatcher, fleet, rate)
 
 
 async def _push(
@@ -81,8 +84,9 @@ async def _push(
     scheduler: Scheduler,
     dispatcher: Dispatcher,
     fleet: list[Worker],
+    rate: int,
 ) -> int:
-    specs = []
+    specs: list[TaskSpec] = []
     for i in range(tasks):
         if i % 100 == 99:
             specs.append(TaskSpec("fail", {"n": i}, max_retries=1))
@@ -90,10 +94,14 @@ async def _push(
             specs.append(TaskSpec("sleep", {"seconds": 0.02}))
         else:
             specs.append(TaskSpec("echo", bytes(payload_bytes)))
+    for spec in specs:
+        spec.task_id = uuid.uuid4().hex
     async with Client(broker) as client:
         started = time.monotonic()
-        ids = await client.submit_many(specs)
+        submitting = asyncio.create_task(_submit_steadily(client, specs, rate))
+        ids = [spec.task_id for spec in specs]
         results = await Progress(len(ids), sys.stderr).collect(client, ids, timeout=300)
+        await submitting
         elapsed = time.monotonic() - started
         duplicates = client.duplicates
     by_status = Counter(status_name(r.status) for r in results.values())
@@ -112,6 +120,16 @@ async def _push(
     print(f"throughput         {len(results) / elapsed:.0f} tasks/s over {elapsed:.1f} s")
     print("per worker         " + ", ".join(f"{w.worker_id} {per_worker[w.worker_id]}" for w in fleet))
     return 0 if lost == 0 else 1
+
+
+async def _submit_steadily(client: Client, specs: list[TaskSpec], rate: int) -> None:
+    """Submit at a steady rate, a slice every 50 ms, as a stream of producers would."""
+    step = max(1, rate // 20)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index, first in enumerate(range(0, len(specs), step)):
+        await asyncio.sleep(max(0.0, start + index * 0.05 - loop.time()))
+        await client.submit_many(specs[first : first + step])
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
