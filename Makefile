@@ -2,7 +2,7 @@
 PYTHON ?= .venv/bin/python
 LINTED := src services tests scripts
 
-.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench clean
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean
 BENCH_ARGS ?= --wait-quiet 300 --record
 
 venv: .venv/.installed
@@ -37,6 +37,9 @@ test-integration: venv
 
 demo: venv
 	.venv/bin/sluicegate demo
+
+chaos: venv
+	$(PYTHON) scripts/chaos.py
 
 bench: venv .venv/.bench-installed
 	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -24,6 +25,7 @@ from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_task
 from sluicegate.wire import now_ms
 
 TaskResult = messages_pb2.TaskResult
+RESULTS_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 
 
@@ -66,6 +68,7 @@ class Client:
         self.max_payload = max_payload
         self.duplicates = 0
         self._results: dict[str, TaskResult] = {}
+        self._messages_seen: OrderedDict[str, None] = OrderedDict()  # redeliveries are not duplicates
         self._waiters: dict[str, asyncio.Future[TaskResult]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._tasks: AbstractExchange | None = None
@@ -87,13 +90,21 @@ class Client:
         self._tasks = exchanges.tasks
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=1000)
+        # Durable and not exclusive, so results published while the connection is being restored
+        # (or the broker restarts) wait for us; it expires once no client has used it for a while.
         self._queue = await consume_channel.declare_queue(
-            self.topology.results_queue(self.client_id), durable=False, exclusive=True, auto_delete=True
+            self.topology.results_queue(self.client_id),
+            durable=True,
+            arguments={"x-expires": RESULTS_QUEUE_EXPIRES_MS},
         )
         await self._queue.bind(self.topology.events, routing_key=self.topology.result_key(self.client_id))
-        await self._queue.consume(self._on_result, no_ack=True)
+        await self._queue.consume(self._on_result)
 
     async def close(self) -> None:
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.delete(if_unused=False, if_empty=False)
+            self._queue = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -190,10 +201,19 @@ class Client:
         return self._results
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        redelivered = message.message_id in self._messages_seen
         try:
             batch = messages_pb2.TaskResultBatch.FromString(message.body)
         except DecodeError:
+            batch = messages_pb2.TaskResultBatch()
+        with contextlib.suppress(Exception):  # a delivery from before a reconnect: the broker sends it again
+            await message.ack()
+        if redelivered:
             return
+        if message.message_id:
+            self._messages_seen[message.message_id] = None
+            if len(self._messages_seen) > 100_000:
+                self._messages_seen.popitem(last=False)
         for result in batch.results:
             if result.task_id in self._results:
                 self.duplicates += 1

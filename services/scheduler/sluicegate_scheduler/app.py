@@ -279,7 +279,9 @@ class Scheduler:
             if reason == Reason.INVALID or item.dispatch_failures >= self.settings.max_dispatch_attempts:
                 await self._bury(item, messages_pb2.TASK_STATUS_DEAD)
             else:
-                self._wait(item)
+                # Ahead of new arrivals of its priority: a stranded task must not queue behind a backlog.
+                self.waiting.requeue_front((a.task.tenant, a.task.action), item, a.task.priority)
+                self._wake.set()
 
     @staticmethod
     def _x_death_reason(message: AbstractIncomingMessage) -> Reason | None:
