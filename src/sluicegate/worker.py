@@ -9,7 +9,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -80,7 +80,6 @@ class WorkerStats:
     failed: int = 0
     reconnects: int = 0
     registrations: int = 0
-    completed_ids: list[str] = field(default_factory=list)
 
 
 class SessionLost(Exception):

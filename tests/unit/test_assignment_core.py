@@ -103,14 +103,6 @@ def test_draining_dispatcher_offers_no_worker() -> None:
     assert picked_id(pool) is None
 
 
-def test_serves_anywhere_ignores_capacity() -> None:
-    pool = pool_of(report("a", free=0, ready=False, actions=["resize"]))
-    assert pool.serves_anywhere("acme", "resize")
-    assert not pool.serves_anywhere("acme", "encode")
-    assert not pool.serves_anywhere("globex", "resize")
-    assert not WorkerPool().serves_anywhere("acme", "resize")
-
-
 def test_empty_pool_picks_nobody() -> None:
     assert WorkerPool().pick("acme", "resize", {}) is None
 

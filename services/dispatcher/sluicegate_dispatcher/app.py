@@ -336,7 +336,6 @@ class Dispatcher:
                 await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
             return False
         self.stats.forwarded += len(chunk)
-        self.stats.lock_wait_total_s += waited
         self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
         return True
 

@@ -17,4 +17,3 @@ class DispatcherStats:
     stale_reports: int = 0
     redeliveries: int = 0
     results_unclaimed: int = 0
-    lock_wait_total_s: float = 0.0

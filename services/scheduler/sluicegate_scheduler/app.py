@@ -104,7 +104,8 @@ class Scheduler:
         self._connection: AbstractRobustConnection | None = None
         self._exchanges = amqp.Exchanges(self.topology)
         self._wake = asyncio.Event()
-        self._requeued: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # (task, attempt) requeued -> its Pending until placed or buried, then None (as for tasks).
+        self._requeued: OrderedDict[tuple[str, int], Pending | None] = OrderedDict()
         # Task id -> its Pending until placed or buried, then None: a task message redelivered after
         # a reconnect (or published twice by a client retry) must not place the same attempt twice.
         self._tasks_seen: OrderedDict[str, Pending | None] = OrderedDict()
@@ -246,11 +247,13 @@ class Scheduler:
             key = (a.task.task_id, a.attempt)
             if key in self._requeued:
                 self.stats.duplicate_requeues += 1
-                await self._done(source)
+                known = self._requeued[key]
+                if known is None:  # placed or buried already: this copy has nothing left to do
+                    await self._done(source)
+                else:  # still waiting: the newer delivery carries it now (the older one is settled)
+                    older, known.source = known.source, source
+                    await self._done(older)
                 continue
-            self._requeued[key] = None
-            if len(self._requeued) > self.settings.remember_requeues:
-                self._requeued.popitem(last=False)
             history = list(a.history)
             if broker_reason is not None:
                 history.append(
@@ -276,6 +279,9 @@ class Scheduler:
                 avoid=frozenset({a.worker_id}) if a.worker_id else frozenset(),
                 trace=dict(a.trace) or dict(a.task.trace),
             )
+            self._requeued[key] = item
+            if len(self._requeued) > self.settings.remember_requeues:
+                self._requeued.popitem(last=False)
             if reason == Reason.INVALID or item.dispatch_failures >= self.settings.max_dispatch_attempts:
                 await self._bury(item, messages_pb2.TASK_STATUS_DEAD)
             else:
@@ -455,8 +461,12 @@ class Scheduler:
         await self._settle(message)
 
     def _forget_pending(self, item: Pending) -> None:
+        """The item is placed or buried: a later copy of its message has nothing left to do."""
         if self._tasks_seen.get(item.task.task_id) is item:
             self._tasks_seen[item.task.task_id] = None
+        requeued = (item.task.task_id, item.attempt - 1)
+        if self._requeued.get(requeued) is item:
+            self._requeued[requeued] = None
 
     async def _done(self, source: Source) -> None:
         source.pending -= 1

@@ -180,9 +180,6 @@ class WorkerPool:
         if current is not None:
             current.sent = max(0, current.sent - 1)
 
-    def serves_anywhere(self, tenant: str, action: str) -> bool:
-        return any(w.tenant == tenant and action in w.actions for w in self)
-
 
 @dataclass(order=True, slots=True)
 class _Entry:
