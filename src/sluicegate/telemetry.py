@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -34,14 +35,21 @@ def install(provider: Any) -> None:
     _installed = True
 
 
+_checked_at = -1.0
+
+
 def enabled() -> bool:
     """Whether a tracer provider was installed; without one every span would be thrown away.
 
-    Remembered once true: asking OpenTelemetry each time reads the environment on the hot path.
+    Asking OpenTelemetry reads the environment, too slow for every span: the answer is kept, and
+    while it is no it is asked again at most once a second (a provider installed later is seen).
     """
-    global _installed
+    global _installed, _checked_at
     if not _installed:
-        _installed = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        now = time.monotonic()
+        if now - _checked_at >= 1.0:
+            _checked_at = now
+            _installed = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
     return _installed
 
 
