@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from sluicegate import telemetry
 from sluicegate.durations import PositiveDuration
 from sluicegate.errors import InvalidInput, PermanentError
 from sluicegate.metrics import Snapshot, counter, gauge, labelled_counter
+from sluicegate.reporting import Backoff, Reporter, SessionLost
 from sluicegate.settings import settings_config
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_action
@@ -82,24 +82,6 @@ class WorkerStats:
     registrations: int = 0
 
 
-class SessionLost(Exception):
-    """The dispatcher no longer knows this session: register again."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter."""
-
-    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def next(self) -> float:
-        self.failures += 1
-        return random.uniform(0, min(self.cap, self.base * 2**self.failures))
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 def _encode(output: Any) -> bytes:
     if output is None:
         return b""
@@ -108,93 +90,6 @@ def _encode(output: Any) -> bytes:
     if isinstance(output, str):
         return output.encode()
     return json.dumps(output).encode()
-
-
-class _Reporter:
-    """Sends events of one session in batches; each caller awaits its own verdict."""
-
-    MAX_EVENTS = 1000
-    MAX_IN_FLIGHT = 2
-
-    def __init__(
-        self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str, max_bytes: int
-    ) -> None:
-        self._stub, self._worker_id, self._session_id = stub, worker_id, session_id
-        self._max_bytes = max_bytes
-        self._in_flight = asyncio.Semaphore(self.MAX_IN_FLIGHT)
-        self._queue: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = []
-        self._wake = asyncio.Event()
-        self.lost = False
-
-    async def report(self, event: worker_pb2.TaskEvent) -> int:
-        if self.lost:
-            return Verdict.VERDICT_STALE
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((event, future))
-        self._wake.set()
-        return await future
-
-    def _take_batch(self) -> list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]:
-        """The oldest events that fit in one request (at least one): outputs can be large."""
-        size, count = 0, 0
-        for event, _ in self._queue[: self.MAX_EVENTS]:
-            size += event.ByteSize() + 8
-            if count and size > self._max_bytes:
-                break
-            count += 1
-        batch, self._queue = self._queue[:count], self._queue[count:]
-        return batch
-
-    def fail_all(self) -> None:
-        self.lost = True
-        for _, future in self._queue:
-            if not future.done():
-                future.set_result(Verdict.VERDICT_STALE)
-        self._queue.clear()
-
-    async def run(self) -> None:
-        """Send queued events, several requests in flight so receipts never wait behind results."""
-        async with asyncio.TaskGroup() as group:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    await self._in_flight.acquire()
-                    group.create_task(self._send(self._take_batch()))
-
-    async def _send(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
-        try:
-            await self._send_until_answered(batch)
-        finally:
-            self._in_flight.release()
-
-    async def _send_until_answered(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
-        backoff = Backoff()
-        request = worker_pb2.ReportRequest(
-            worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
-        )
-        while True:
-            try:
-                response = await self._stub.Report(request, timeout=30)
-            except grpc.aio.AioRpcError as err:
-                # Refused as such (too large, malformed): retrying the same batch cannot help.
-                refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if err.code() == grpc.StatusCode.NOT_FOUND or err.code() in refused:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(Verdict.VERDICT_STALE)
-                    if err.code() == grpc.StatusCode.NOT_FOUND:
-                        self.fail_all()
-                        raise SessionLost from err
-                    return
-                if self.lost:
-                    return
-                await asyncio.sleep(backoff.next())  # unavailable for now: the same events again
-                continue
-            for (_, future), verdict in zip(batch, response.verdicts, strict=False):
-                if not future.done():
-                    future.set_result(verdict.verdict)
-            return
 
 
 class Worker:
@@ -336,7 +231,7 @@ class Worker:
             )
             self.worker_id = reply.worker_id
             self.stats.registrations += 1
-            reporter = _Reporter(stub, reply.worker_id, reply.session_id, s.max_payload_bytes)
+            reporter = Reporter(stub, reply.worker_id, reply.session_id, s.max_payload_bytes)
             interval = reply.heartbeat_interval_ms / 1000 or s.heartbeat_interval.total_seconds()
             backoff.reset()
             self.registered.set()
@@ -372,7 +267,7 @@ class Worker:
                     raise SessionLost from err
             await asyncio.sleep(interval)
 
-    async def _listen(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: _Reporter) -> None:
+    async def _listen(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:
         backoff = Backoff(cap=1.0)
         request = worker_pb2.ListenRequest(worker_id=self.worker_id, session_id=session_id)
         unavailable = 0  # Listen calls in a row that ended UNAVAILABLE without a single message
@@ -403,7 +298,7 @@ class Worker:
             self.stats.reconnects += 1
             await asyncio.sleep(backoff.next())
 
-    def _accept(self, assignment: messages_pb2.Assignment, reporter: _Reporter) -> None:
+    def _accept(self, assignment: messages_pb2.Assignment, reporter: Reporter) -> None:
         key = (assignment.task.task_id, assignment.attempt)
         if key in self._seen:
             self.stats.duplicates += 1
@@ -417,7 +312,7 @@ class Worker:
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
-    async def _run_one(self, assignment: messages_pb2.Assignment, reporter: _Reporter) -> None:
+    async def _run_one(self, assignment: messages_pb2.Assignment, reporter: Reporter) -> None:
         task = assignment.task
         span = telemetry.start(
             f"run {task.action}",
@@ -434,7 +329,7 @@ class Worker:
         finally:
             span.end()
 
-    async def _run_traced(self, assignment: messages_pb2.Assignment, reporter: _Reporter, span: Any) -> None:
+    async def _run_traced(self, assignment: messages_pb2.Assignment, reporter: Reporter, span: Any) -> None:
         task = assignment.task
         received = Event(task_id=task.task_id, attempt=assignment.attempt, kind=Event.KIND_RECEIVED, at_ms=now_ms())
         if await reporter.report(received) != Verdict.VERDICT_ACCEPTED:

@@ -11,38 +11,30 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from google.protobuf.message import DecodeError
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from sluicegate import amqp, telemetry
 from sluicegate.errors import (
     InvalidInput,
-    LockTimeout,
-    NoFreeSlot,
-    NotConnected,
     PublishError,
-    StreamBroken,
     Unroutable,
 )
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
-from sluicegate.validation import check_task
 from sluicegate.wire import grpc_options, now_ms
+from sluicegate_dispatcher.forwarding import Forwarder
 from sluicegate_dispatcher.metrics import DispatcherMetrics
-from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
+from sluicegate_dispatcher.sessions import Lease, Sessions, WorkerSession
 from sluicegate_dispatcher.settings import DispatcherSettings
-from sluicegate_dispatcher.settlement import Delivery, Settler
+from sluicegate_dispatcher.settlement import Settler
 from sluicegate_dispatcher.stats import DispatcherStats
 from sluicegate_dispatcher.stream import WorkerStream
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "sluicegate.v1.WorkerService"
-Pending = tuple[messages_pb2.Assignment, Lease, trace.Span]  # an assignment about to be written
 Event = worker_pb2.TaskEvent
 
 
@@ -91,7 +83,7 @@ class Dispatcher:
         # Starts from the clock so that a restarted dispatcher keeping its id is not taken for stale.
         self._state_seq = now_ms() * 1000
         self._lock_timeout = settings.send_lock_timeout.total_seconds()
-        self._ack_timeout = settings.ack_timeout.total_seconds()
+        self.forwarder = Forwarder(self)
 
     @property
     def id(self) -> str:
@@ -149,7 +141,7 @@ class Dispatcher:
         if self.port == 0:
             raise InvalidInput(f"cannot listen on {s.listen}")
         await self._server.start()
-        self._consumer_tag = await self._inbox.consume(self._on_inbox)
+        self._consumer_tag = await self._inbox.consume(self.forwarder.on_message)
         self._spawn(self._reap(), "reaper")
         self._spawn(self._publish_state(), "state")
         for name in ("", SERVICE_NAME):
@@ -207,159 +199,6 @@ class Dispatcher:
         task = asyncio.create_task(coro, name=f"dispatcher-{name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    # The inbox.
-
-    async def _on_inbox(self, message: AbstractIncomingMessage) -> None:
-        try:
-            batch = messages_pb2.AssignmentBatch.FromString(message.body)
-        except DecodeError:
-            log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
-            await self.settler.settle_message(message, ok=False)
-            return
-        delivery = Delivery(message, len(batch.assignments))
-        self.metrics.assignment_batch.observe(delivery.pending)
-        if delivery.pending == 0:
-            await self.settler.settle_message(message, ok=True)
-            return
-        # Assignments for the same worker session go out in one stream write.
-        groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
-        for assignment in batch.assignments:
-            if not await self._seen_before(assignment, delivery):
-                groups.setdefault((assignment.worker_id, assignment.session_id), []).append(assignment)
-        await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))
-
-    async def _seen_before(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> bool:
-        """Handle an assignment redelivered after a reconnect; True if there is nothing more to do."""
-        key: LeaseKey = (assignment.task.task_id, assignment.attempt)
-        current = self.sessions.holder_of(key)
-        if current is not None:  # still running: the lease now rides on this delivery
-            self.stats.redeliveries += 1
-            current.token = delivery
-            return True
-        if self.sessions.was_settled(key):
-            self.stats.redeliveries += 1
-            await self.settler.item_done(delivery)
-            return True
-        return False
-
-    async def _forward(self, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
-        """Send a worker its assignments from one inbox message, or requeue each with its reason."""
-        requeue = self.settler.requeue_many
-        if self.draining:
-            await requeue(group, delivery, Reason.DRAINING, "dispatcher stopping")
-            return
-        valid = []
-        for assignment in group:
-            try:
-                if assignment.attempt < 1:
-                    raise InvalidInput("attempt must be at least 1")
-                check_task(assignment.task, self.settings.max_payload_bytes)
-            except InvalidInput as err:
-                await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
-                continue
-            self.sessions.count_received(assignment.worker_id, assignment.session_id)
-            valid.append(assignment)
-        if not valid:
-            return
-        try:
-            session = self.sessions.target(valid[0].worker_id, valid[0].session_id)
-        except NotConnected as err:
-            await requeue(valid, delivery, Reason.NOT_CONNECTED, str(err))
-            return
-        except NoFreeSlot as err:
-            await requeue(valid, delivery, Reason.NO_SLOT, str(err))
-            return
-        room = session.free_slots
-        if len(valid) > room:
-            await requeue(valid[room:], delivery, Reason.NO_SLOT, f"worker {session.worker_id} has no free slot")
-            valid = valid[:room]
-        await self._send(session, valid, delivery)
-
-    async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
-        """Take the leases, then write the group in as few stream messages as the size limit allows."""
-        now = self.clock()
-        pending: list[Pending] = []
-        for assignment in group:
-            key: LeaseKey = (assignment.task.task_id, assignment.attempt)
-            span = telemetry.start(
-                f"dispatch {assignment.task.action}",
-                assignment.trace,
-                kind=SpanKind.CONSUMER,
-                attributes=telemetry.task_attributes(
-                    key[0],
-                    key[1],
-                    **{
-                        "sluicegate.worker.id": session.worker_id,
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": self.topology.inbox(self.id),
-                    },
-                ),
-            )
-            telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
-            lease = self.sessions.take(session, key, assignment, delivery, now, self._ack_timeout)
-            pending.append((assignment, lease, span))
-        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self.settings.max_payload_bytes):
-            if not await self._write(session, pending[start:end]):
-                for _, lease, span in pending[end:]:
-                    span.end()
-                    await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
-                return
-
-    async def _write(
-        self, session: WorkerSession, chunk: list[tuple[messages_pb2.Assignment, Lease, trace.Span]]
-    ) -> bool:
-        """One stream write under the send lock; on failure the chunk is requeued. True if written."""
-        stream: WorkerStream = session.stream
-        spans = [span for _, _, span in chunk]
-        started_ns = time.time_ns()
-        try:
-            message = worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk])
-            waited = await stream.send(message, self._lock_timeout)
-        except LockTimeout:
-            self.stats.lock_timeouts += 1
-            self._close_spans(spans, started_ns, time.time_ns(), None, "send lock timeout")
-            stream.end("send timed out; reconnect")
-            self.stats.streams_ended += 1
-            for _, lease, _ in chunk:
-                await self.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
-            # The stream is stalled: what the worker has not acknowledged goes elsewhere now rather
-            # than after the receipt deadline. Safe even if it reads them later: a worker runs an
-            # assignment only after its receipt is accepted, and these leases are gone.
-            for stalled in self.sessions.unacknowledged(session):
-                await self.settler.requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
-            return False
-        except StreamBroken as err:
-            self._close_spans(spans, started_ns, time.time_ns(), None, "stream broken")
-            stream.end("stream write failed; reconnect")
-            for _, lease, _ in chunk:
-                await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
-            return False
-        self.stats.forwarded += len(chunk)
-        self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
-        return True
-
-    def _close_spans(
-        self, spans: list[trace.Span], started_ns: int, acquired_ns: int, written_ns: int | None, error: str | None
-    ) -> None:
-        """End the dispatch spans, each with the lock wait (from before acquisition) and the write as children."""
-        self.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
-        if written_ns is not None:
-            self.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
-        tracer = telemetry.tracer()
-        for span in spans:
-            if not span.is_recording():
-                continue
-            ctx = trace.set_span_in_context(span)
-            wait = tracer.start_span("send_lock.wait", context=ctx, start_time=started_ns)
-            if written_ns is None:
-                telemetry.fail(wait, "timed out")
-            wait.end(end_time=acquired_ns)
-            if written_ns is not None:
-                tracer.start_span("stream.write", context=ctx, start_time=acquired_ns).end(end_time=written_ns)
-            if error is not None:
-                telemetry.fail(span, error)
-            span.end()
 
     # Reports from workers (called by the gRPC edge).
 
@@ -482,16 +321,3 @@ class Dispatcher:
             persistent=False,
             timeout=self.broker.confirm_timeout_s,
         )
-
-
-def _chunks(sizes: list[int], budget: int) -> list[tuple[int, int]]:
-    """Split consecutive items into (start, end) runs whose sizes add up to at most `budget` (one at least)."""
-    runs, start, total = [], 0, 0
-    for index, size in enumerate(sizes):
-        if index > start and total + size > budget:
-            runs.append((start, index))
-            start, total = index, 0
-        total += size
-    if sizes:
-        runs.append((start, len(sizes)))
-    return runs

@@ -1,0 +1,202 @@
+"""Forwarding: each inbox message's assignments, grouped per worker, written to its stream under the send lock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aio_pika.abc import AbstractIncomingMessage
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from sluicegate import telemetry
+from sluicegate.errors import InvalidInput, LockTimeout, NoFreeSlot, NotConnected, StreamBroken
+from sluicegate.reasons import Reason
+from sluicegate.v1 import messages_pb2, worker_pb2
+from sluicegate.validation import check_task
+from sluicegate_dispatcher.sessions import Lease, LeaseKey, WorkerSession
+from sluicegate_dispatcher.settlement import Delivery
+from sluicegate_dispatcher.stream import WorkerStream
+
+if TYPE_CHECKING:
+    from sluicegate_dispatcher.app import Dispatcher
+
+log = logging.getLogger(__name__)
+
+Pending = tuple[messages_pb2.Assignment, Lease, trace.Span]  # an assignment about to be written
+
+
+class Forwarder:
+    """Sends each worker its assignments from an inbox message, or requeues each with its reason."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+        self._lock_timeout = dispatcher.settings.send_lock_timeout.total_seconds()
+        self._ack_timeout = dispatcher.settings.ack_timeout.total_seconds()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            batch = messages_pb2.AssignmentBatch.FromString(message.body)
+        except DecodeError:
+            log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
+            await self.d.settler.settle_message(message, ok=False)
+            return
+        delivery = Delivery(message, len(batch.assignments))
+        self.d.metrics.assignment_batch.observe(delivery.pending)
+        if delivery.pending == 0:
+            await self.d.settler.settle_message(message, ok=True)
+            return
+        # Assignments for the same worker session go out in one stream write.
+        groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
+        for assignment in batch.assignments:
+            if not await self._seen_before(assignment, delivery):
+                groups.setdefault((assignment.worker_id, assignment.session_id), []).append(assignment)
+        await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))
+
+    async def _seen_before(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> bool:
+        """Handle an assignment redelivered after a reconnect; True if there is nothing more to do."""
+        key: LeaseKey = (assignment.task.task_id, assignment.attempt)
+        current = self.d.sessions.holder_of(key)
+        if current is not None:  # still running: the lease now rides on this delivery
+            self.d.stats.redeliveries += 1
+            current.token = delivery
+            return True
+        if self.d.sessions.was_settled(key):
+            self.d.stats.redeliveries += 1
+            await self.d.settler.item_done(delivery)
+            return True
+        return False
+
+    async def _forward(self, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
+        """Send a worker its assignments from one inbox message, or requeue each with its reason."""
+        requeue = self.d.settler.requeue_many
+        if self.d.draining:
+            await requeue(group, delivery, Reason.DRAINING, "dispatcher stopping")
+            return
+        valid = []
+        for assignment in group:
+            try:
+                if assignment.attempt < 1:
+                    raise InvalidInput("attempt must be at least 1")
+                check_task(assignment.task, self.d.settings.max_payload_bytes)
+            except InvalidInput as err:
+                await self.d.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
+                continue
+            self.d.sessions.count_received(assignment.worker_id, assignment.session_id)
+            valid.append(assignment)
+        if not valid:
+            return
+        try:
+            session = self.d.sessions.target(valid[0].worker_id, valid[0].session_id)
+        except NotConnected as err:
+            await requeue(valid, delivery, Reason.NOT_CONNECTED, str(err))
+            return
+        except NoFreeSlot as err:
+            await requeue(valid, delivery, Reason.NO_SLOT, str(err))
+            return
+        room = session.free_slots
+        if len(valid) > room:
+            await requeue(valid[room:], delivery, Reason.NO_SLOT, f"worker {session.worker_id} has no free slot")
+            valid = valid[:room]
+        await self._send(session, valid, delivery)
+
+    async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
+        """Take the leases, then write the group in as few stream messages as the size limit allows."""
+        now = self.d.clock()
+        pending: list[Pending] = []
+        for assignment in group:
+            key: LeaseKey = (assignment.task.task_id, assignment.attempt)
+            span = telemetry.start(
+                f"dispatch {assignment.task.action}",
+                assignment.trace,
+                kind=SpanKind.CONSUMER,
+                attributes=telemetry.task_attributes(
+                    key[0],
+                    key[1],
+                    **{
+                        "sluicegate.worker.id": session.worker_id,
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": self.d.topology.inbox(self.d.id),
+                    },
+                ),
+            )
+            telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
+            lease = self.d.sessions.take(session, key, assignment, delivery, now, self._ack_timeout)
+            pending.append((assignment, lease, span))
+        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self.d.settings.max_payload_bytes):
+            if not await self._write(session, pending[start:end]):
+                for _, lease, span in pending[end:]:
+                    span.end()
+                    await self.d.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
+                return
+
+    async def _write(
+        self, session: WorkerSession, chunk: list[tuple[messages_pb2.Assignment, Lease, trace.Span]]
+    ) -> bool:
+        """One stream write under the send lock; on failure the chunk is requeued. True if written."""
+        stream: WorkerStream = session.stream
+        spans = [span for _, _, span in chunk]
+        started_ns = time.time_ns()
+        try:
+            message = worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk])
+            waited = await stream.send(message, self._lock_timeout)
+        except LockTimeout:
+            self.d.stats.lock_timeouts += 1
+            self._close_spans(spans, started_ns, time.time_ns(), None, "send lock timeout")
+            stream.end("send timed out; reconnect")
+            self.d.stats.streams_ended += 1
+            for _, lease, _ in chunk:
+                await self.d.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
+            # The stream is stalled: what the worker has not acknowledged goes elsewhere now rather
+            # than after the receipt deadline. Safe even if it reads them later: a worker runs an
+            # assignment only after its receipt is accepted, and these leases are gone.
+            for stalled in self.d.sessions.unacknowledged(session):
+                await self.d.settler.requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
+            return False
+        except StreamBroken as err:
+            self._close_spans(spans, started_ns, time.time_ns(), None, "stream broken")
+            stream.end("stream write failed; reconnect")
+            for _, lease, _ in chunk:
+                await self.d.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
+            return False
+        self.d.stats.forwarded += len(chunk)
+        self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
+        return True
+
+    def _close_spans(
+        self, spans: list[trace.Span], started_ns: int, acquired_ns: int, written_ns: int | None, error: str | None
+    ) -> None:
+        """End the dispatch spans, each with the lock wait (from before acquisition) and the write as children."""
+        self.d.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
+        if written_ns is not None:
+            self.d.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
+        tracer = telemetry.tracer()
+        for span in spans:
+            if not span.is_recording():
+                continue
+            ctx = trace.set_span_in_context(span)
+            wait = tracer.start_span("send_lock.wait", context=ctx, start_time=started_ns)
+            if written_ns is None:
+                telemetry.fail(wait, "timed out")
+            wait.end(end_time=acquired_ns)
+            if written_ns is not None:
+                tracer.start_span("stream.write", context=ctx, start_time=acquired_ns).end(end_time=written_ns)
+            if error is not None:
+                telemetry.fail(span, error)
+            span.end()
+
+
+def _chunks(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Split consecutive items into (start, end) runs whose sizes add up to at most `budget` (one at least)."""
+    runs, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > budget:
+            runs.append((start, index))
+            start, total = index, 0
+        total += size
+    if sizes:
+        runs.append((start, len(sizes)))
+    return runs
