@@ -36,6 +36,7 @@ class RequeueSeen:
     worker_id: str
     assigned_ms: int
     seen_ms: int
+    requeued_ms: int  # when it was superseded: the dispatcher's own record, else when it was seen
 
 
 @dataclass
@@ -78,13 +79,16 @@ class Ledger:
         if key in self.requeues:
             self.requeue_copies += 1
             return
+        seen = now_ms()
+        last = assignment.history[-1] if assignment.history else None
         self.requeues[key] = RequeueSeen(
             task_id=key[0],
             attempt=key[1],
             reason=reason,
             worker_id=assignment.worker_id,
             assigned_ms=assignment.assigned_at_ms,
-            seen_ms=now_ms(),
+            seen_ms=seen,
+            requeued_ms=min(seen, last.at_ms) if last is not None and last.attempt == key[1] else seen,
         )
         self.last_activity_ms = now_ms()
 
@@ -110,17 +114,19 @@ class Ledger:
     # The verdict.
 
     def stale_completions(self) -> list[tuple[str, int]]:
-        """Completions accepted for an attempt that had been superseded.
+        """Completions accepted for an attempt after it had been superseded (requeued).
 
-        An attempt is superseded once it was requeued (the scheduler then makes the next one), or
-        when another attempt of the same task also completed (two attempts cannot both be the one).
+        A completion accepted before its attempt was requeued is not stale: if the dispatcher then
+        died before settling its lease, the task runs again and both results are counted under
+        `duplicated` (at-least-once). What must never happen is the fence failing: a dispatcher
+        accepting the result of an attempt it had already given back.
         """
         stale: set[tuple[str, int]] = set()
         for task_id, published in self.results.items():
-            completed = {p.result.attempt for p in published if p.result.status == COMPLETED}
-            for attempt in completed:
-                if (task_id, attempt) in self.requeues or (len(completed) > 1 and attempt != max(completed)):
-                    stale.add((task_id, attempt))
+            for p in published:
+                seen = self.requeues.get((task_id, p.result.attempt))
+                if p.result.status == COMPLETED and seen is not None and p.result.finished_at_ms > seen.requeued_ms:
+                    stale.add((task_id, p.result.attempt))
         return sorted(stale)
 
     def requeue_and_reassign_ms(self, reasons: set[str] | None = None) -> tuple[list[int], list[int]]:
