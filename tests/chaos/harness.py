@@ -452,3 +452,20 @@ def known_bug(violated: bool, what: str) -> None:
 async def _quietly(coro: Any) -> None:
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(coro, 30)
+
+
+async def two_dispatchers(sc: Scenario, **env: str) -> tuple[Proc, list[str], list[int], Any, list[Any]]:
+    """Two subprocess dispatchers, a scheduler, and six workers that know both (half list each first).
+
+    Returns the first dispatcher's process (the one the scenario acts on), both ids and ports, the
+    scheduler and the workers, once the scheduler sees every worker.
+    """
+    ports = [free_port(), free_port()]
+    ids = [f"da-{sc.prefix[-8:]}", f"db-{sc.prefix[-8:]}"]
+    first = await sc.spawn_dispatcher(ids[0], ports[0], **env)
+    await sc.spawn_dispatcher(ids[1], ports[1], **env)
+    scheduler = await sc.start_scheduler()
+    a, b = (f"127.0.0.1:{p}" for p in ports)
+    workers = [await sc.start_worker([a, b] if i % 2 == 0 else [b, a], f"w{i}", slots=10) for i in range(6)]
+    await eventually(lambda: sum(w.ready for w in scheduler.pool) >= 6, 15, what="scheduler sees every worker")
+    return first, ids, ports, scheduler, workers

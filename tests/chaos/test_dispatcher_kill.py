@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from .conftest import ScenarioFactory, sizes
-from .harness import Size, eventually, free_port, sleep_spec
+from .harness import Size, eventually, sleep_spec, two_dispatchers
 
 TTL = "3s"
 
@@ -22,14 +22,7 @@ TTL = "3s"
 async def test_dispatcher_kill(scenario: ScenarioFactory, size: Size) -> None:
     async with scenario(size) as sc:
         env = {"SLUICEGATE_DISPATCHER_INBOX_TTL": TTL, "SLUICEGATE_DISPATCHER_INBOX_EXPIRES": "2m"}
-        ports = [free_port(), free_port()]
-        ids = [f"da-{sc.prefix[-8:]}", f"db-{sc.prefix[-8:]}"]
-        doomed = await sc.spawn_dispatcher(ids[0], ports[0], **env)
-        await sc.spawn_dispatcher(ids[1], ports[1], **env)
-        scheduler = await sc.start_scheduler()
-        a, b = (f"127.0.0.1:{p}" for p in ports)
-        workers = [await sc.start_worker([a, b] if i % 2 == 0 else [b, a], f"w{i}", slots=10) for i in range(6)]
-        await eventually(lambda: sum(w.ready for w in scheduler.pool) >= 6, 15, what="scheduler sees every worker")
+        doomed, ids, _, _, workers = await two_dispatchers(sc, **env)
         client = await sc.client()
         load = sc.load(client, sleep_spec(0.1))
         await asyncio.sleep(0.4 * size.seconds)

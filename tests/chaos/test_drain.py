@@ -15,7 +15,7 @@ from sluicegate import amqp
 from sluicegate.wire import now_ms
 
 from .conftest import ScenarioFactory, sizes
-from .harness import Size, eventually, free_port, health_status, sleep_spec
+from .harness import Size, health_status, sleep_spec, two_dispatchers
 
 GRACE_S = 5
 
@@ -25,14 +25,7 @@ GRACE_S = 5
 async def test_drain(scenario: ScenarioFactory, size: Size) -> None:
     async with scenario(size) as sc:
         env = {"SLUICEGATE_DISPATCHER_DRAIN_GRACE": f"{GRACE_S}s"}
-        ports = [free_port(), free_port()]
-        ids = [f"da-{sc.prefix[-8:]}", f"db-{sc.prefix[-8:]}"]
-        draining = await sc.spawn_dispatcher(ids[0], ports[0], **env)
-        await sc.spawn_dispatcher(ids[1], ports[1], **env)
-        scheduler = await sc.start_scheduler()
-        a, b = (f"127.0.0.1:{p}" for p in ports)
-        workers = [await sc.start_worker([a, b] if i % 2 == 0 else [b, a], f"w{i}", slots=10) for i in range(6)]
-        await eventually(lambda: sum(w.ready for w in scheduler.pool) >= 6, 15, what="scheduler sees every worker")
+        draining, ids, ports, _, workers = await two_dispatchers(sc, **env)
         client = await sc.client()
         sc.load(client, sleep_spec(0.1))
         await asyncio.sleep(0.4 * size.seconds)
