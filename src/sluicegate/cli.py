@@ -166,14 +166,27 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from sluicegate.demo import run_demo
 
-    return await run_demo(
-        _broker(args),
-        workers=args.workers,
-        tasks=args.tasks,
-        payload_bytes=args.payload_bytes,
-        stall=not args.no_stall,
-        rate=args.rate,
+    demo = asyncio.create_task(
+        run_demo(
+            _broker(args),
+            workers=args.workers,
+            tasks=args.tasks,
+            payload_bytes=args.payload_bytes,
+            stall=not args.no_stall,
+            rate=args.rate,
+        )
     )
+    stop = asyncio.create_task(_stop_on_signals().wait())
+    await asyncio.wait({demo, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not demo.done():
+        # Interrupted: cancel it so that its clean-up (queues and exchanges it declared) still runs.
+        demo.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await demo
+        print("sluicegate: demo interrupted", file=sys.stderr)
+        return 130
+    stop.cancel()
+    return demo.result()
 
 
 async def cmd_bench(args: argparse.Namespace) -> int:
