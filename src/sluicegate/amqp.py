@@ -21,6 +21,7 @@ from aio_pika.abc import (
 )
 
 from sluicegate.errors import PublishError, Unroutable
+from sluicegate.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,11 @@ async def connect(url: str, *, deadline: float = 30.0) -> AbstractRobustConnecti
             log.warning("broker not reachable yet, retrying in %.1fs", delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
+
+
+async def connect_broker(broker: BrokerSettings) -> AbstractRobustConnection:
+    """Connect to the broker the settings name, retrying for as long as they allow."""
+    return await connect(broker.url, deadline=broker.connect_deadline.total_seconds())
 
 
 async def publish(

@@ -84,7 +84,7 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self._connection = await amqp.connect(self.broker.url, deadline=self.broker.connect_deadline.total_seconds())
+        self._connection = await amqp.connect_broker(self.broker)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await amqp.Exchanges(self.topology).declare(channel)
         self._tasks = exchanges.tasks

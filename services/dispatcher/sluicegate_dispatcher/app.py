@@ -110,7 +110,7 @@ class Dispatcher:
             raise RuntimeError(f"dispatcher is {self._state}")
         self._state = "starting"
         s = self.settings
-        self._connection = await amqp.connect(self.broker.url, deadline=self.broker.connect_deadline.total_seconds())
+        self._connection = await amqp.connect_broker(self.broker)
         publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._exchanges.declare(publish_channel)
         consume_channel = await self._connection.channel()

@@ -132,7 +132,7 @@ class Scheduler:
             raise RuntimeError(f"scheduler is {self._state}")
         self._state = "starting"
         t = self.topology
-        self._connection = await amqp.connect(self.broker.url, deadline=self.broker.connect_deadline.total_seconds())
+        self._connection = await amqp.connect_broker(self.broker)
         publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._exchanges.declare(publish_channel)
         channel = await self._connection.channel()
@@ -213,12 +213,7 @@ class Scheduler:
             self.stats.received += 1
             if task.task_id in self._tasks_seen:
                 self.stats.duplicate_tasks += 1
-                known = self._tasks_seen[task.task_id]
-                if known is None:  # placed already: this copy has nothing left to do
-                    await self._done(source)
-                else:  # still waiting: the newer delivery carries it now (the older one is settled)
-                    older, known.source = known.source, source
-                    await self._done(older)
+                await self._another_copy(self._tasks_seen[task.task_id], source)
                 continue
             try:
                 check_task(task, self.settings.max_payload_bytes)
@@ -228,9 +223,7 @@ class Scheduler:
                 await self._bury(Pending(task=task, source=source, history=[record]), messages_pb2.TASK_STATUS_REJECTED)
                 continue
             item = Pending(task=task, source=source, trace=dict(task.trace))
-            self._tasks_seen[task.task_id] = item
-            if len(self._tasks_seen) > self.settings.remember_requeues:
-                self._tasks_seen.popitem(last=False)
+            self._remember(self._tasks_seen, task.task_id, item)
             self._wait(item)
 
     async def _on_requeue(self, message: AbstractIncomingMessage) -> None:
@@ -247,12 +240,7 @@ class Scheduler:
             key = (a.task.task_id, a.attempt)
             if key in self._requeued:
                 self.stats.duplicate_requeues += 1
-                known = self._requeued[key]
-                if known is None:  # placed or buried already: this copy has nothing left to do
-                    await self._done(source)
-                else:  # still waiting: the newer delivery carries it now (the older one is settled)
-                    older, known.source = known.source, source
-                    await self._done(older)
+                await self._another_copy(self._requeued[key], source)
                 continue
             history = list(a.history)
             if broker_reason is not None:
@@ -279,9 +267,7 @@ class Scheduler:
                 avoid=frozenset({a.worker_id}) if a.worker_id else frozenset(),
                 trace=dict(a.trace) or dict(a.task.trace),
             )
-            self._requeued[key] = item
-            if len(self._requeued) > self.settings.remember_requeues:
-                self._requeued.popitem(last=False)
+            self._remember(self._requeued, key, item)
             if reason == Reason.INVALID or item.dispatch_failures >= self.settings.max_dispatch_attempts:
                 await self._bury(item, messages_pb2.TASK_STATUS_DEAD)
             else:
@@ -459,6 +445,19 @@ class Scheduler:
             self._exchanges.dead, "", message.body, headers={amqp.REASON_HEADER: "undecodable"}
         )
         await self._settle(message)
+
+    def _remember(self, table: OrderedDict[Any, Pending | None], key: Any, item: Pending) -> None:
+        table[key] = item
+        if len(table) > self.settings.remember_requeues:
+            table.popitem(last=False)
+
+    async def _another_copy(self, known: Pending | None, source: Source) -> None:
+        """A message redelivered after a reconnect (or published twice) carries something seen before."""
+        if known is None:  # placed or buried already: this copy has nothing left to do
+            await self._done(source)
+        else:  # still waiting: the newer delivery carries it now, and the older one is settled
+            older, known.source = known.source, source
+            await self._done(older)
 
     def _forget_pending(self, item: Pending) -> None:
         """The item is placed or buried: a later copy of its message has nothing left to do."""
