@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csluicegate/v1/messages.proto\x12\rsluicegate.v1\"\xeb\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.sluicegate.v1.Task.LabelsEntry\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x13\n\x0bmax_retries\x18\x08 \x01(\r\x12-\n\x05trace\x18\t \x03(\x0b\x32\x1e.sluicegate.v1.Task.TraceEntry\x12\x10\n\x08reply_to\x18\n \x01(\t\x12\x17\n\x0fsubmitted_at_ms\x18\x0b \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\tTaskBatch\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.sluicegate.v1.Task\"\\\n\x07Requeue\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\r\n\x05\x61t_ms\x18\x05 \x01(\x03\"\xd3\x02\n\nAssignment\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.sluicegate.v1.Task\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x15\n\rdispatcher_id\x18\x05 \x01(\t\x12\x19\n\x11\x64ispatch_failures\x18\x06 \x01(\r\x12\x14\n\x0crun_failures\x18\x07 \x01(\r\x12\'\n\x07history\x18\x08 \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\x16\n\x0e\x61ssigned_at_ms\x18\t \x01(\x03\x12\x33\n\x05trace\x18\n \x03(\x0b\x32$.sluicegate.v1.Assignment.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0f\x41ssignmentBatch\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\"\xc8\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.sluicegate.v1.TaskStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x17\n\x0fsubmitted_at_ms\x18\x07 \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x08 \x01(\x03\x12\'\n\x07history\x18\t \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\x33\n\x05trace\x18\n \x03(\x0b\x32$.sluicegate.v1.TaskResult.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0fTaskResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.TaskResult\"g\n\nDeadLetter\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.sluicegate.v1.Task\x12\'\n\x07reasons\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\":\n\x0f\x44\x65\x61\x64LetterBatch\x12\'\n\x04\x64\x65\x61\x64\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.DeadLetter\"\x80\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.sluicegate.v1.WorkerState.LabelsEntry\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x12\n\nfree_slots\x18\x07 \x01(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x10\n\x08received\x18\t \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x01\n\x0f\x44ispatcherState\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.sluicegate.v1.WorkerState\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08*\x8c\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x01\x12\x16\n\x12TASK_STATUS_FAILED\x10\x02\x12\x14\n\x10TASK_STATUS_DEAD\x10\x03\x12\x18\n\x14TASK_STATUS_REJECTED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csluicegate/v1/messages.proto\x12\rsluicegate.v1\"\xcf\x04\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.sluicegate.v1.Task.LabelsEntry\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x18\n\x0bmax_retries\x18\x08 \x01(\rH\x00\x88\x01\x01\x12-\n\x05trace\x18\t \x03(\x0b\x32\x1e.sluicegate.v1.Task.TraceEntry\x12\x10\n\x08reply_to\x18\n \x01(\t\x12\x17\n\x0fsubmitted_at_ms\x18\x0b \x01(\x03\x12\x11\n\trun_at_ms\x18\x0c \x01(\x03\x12\x1b\n\x13schedule_timeout_ms\x18\r \x01(\r\x12\x14\n\x0c\x66\x61irness_key\x18\x0e \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x0f \x01(\t\x12\x12\n\nsticky_key\x18\x10 \x01(\t\x12\x31\n\tpreferred\x18\x11 \x03(\x0b\x32\x1e.sluicegate.v1.LabelPreference\x12\'\n\x07\x62\x61\x63koff\x18\x12 \x01(\x0b\x32\x16.sluicegate.v1.Backoff\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_max_retries\"=\n\x0fLabelPreference\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\"T\n\x07\x42\x61\x63koff\x12\x12\n\ninitial_ms\x18\x01 \x01(\r\x12\x0e\n\x06max_ms\x18\x02 \x01(\r\x12\x12\n\nmultiplier\x18\x03 \x01(\x02\x12\x11\n\tno_jitter\x18\x04 \x01(\x08\"b\n\rActionOptions\x12\x18\n\x0bmax_retries\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\'\n\x07\x62\x61\x63koff\x18\x02 \x01(\x0b\x32\x16.sluicegate.v1.BackoffB\x0e\n\x0c_max_retries\"/\n\tTaskBatch\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.sluicegate.v1.Task\"\\\n\x07Requeue\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\r\n\x05\x61t_ms\x18\x05 \x01(\x03\"\xd3\x02\n\nAssignment\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.sluicegate.v1.Task\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x15\n\rdispatcher_id\x18\x05 \x01(\t\x12\x19\n\x11\x64ispatch_failures\x18\x06 \x01(\r\x12\x14\n\x0crun_failures\x18\x07 \x01(\r\x12\'\n\x07history\x18\x08 \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\x16\n\x0e\x61ssigned_at_ms\x18\t \x01(\x03\x12\x33\n\x05trace\x18\n \x03(\x0b\x32$.sluicegate.v1.Assignment.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0f\x41ssignmentBatch\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\"\xc8\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.sluicegate.v1.TaskStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x17\n\x0fsubmitted_at_ms\x18\x07 \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x08 \x01(\x03\x12\'\n\x07history\x18\t \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\x33\n\x05trace\x18\n \x03(\x0b\x32$.sluicegate.v1.TaskResult.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0fTaskResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.TaskResult\"g\n\nDeadLetter\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.sluicegate.v1.Task\x12\'\n\x07reasons\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Requeue\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\":\n\x0f\x44\x65\x61\x64LetterBatch\x12\'\n\x04\x64\x65\x61\x64\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.DeadLetter\"\x80\x02\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.sluicegate.v1.WorkerState.LabelsEntry\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x12\n\nfree_slots\x18\x07 \x01(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x10\n\x08received\x18\t \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\x0f\x44ispatcherState\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.sluicegate.v1.WorkerState\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12,\n\nkey_leases\x18\x06 \x03(\x0b\x32\x18.sluicegate.v1.KeyLeases\"G\n\tKeyLeases\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"\x9b\x04\n\x0eLifecycleEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x30\n\x04kind\x18\x04 \x01(\x0e\x32\".sluicegate.v1.LifecycleEvent.Kind\x12\r\n\x05\x61t_ms\x18\x05 \x01(\x03\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x15\n\rdispatcher_id\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\x12\x0e\n\x06output\x18\x0c \x01(\x0c\x12\r\n\x05\x65rror\x18\r \x01(\t\x12!\n\x04task\x18\x0e \x01(\x0b\x32\x13.sluicegate.v1.Task\"\xe7\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_SUBMITTED\x10\x01\x12\x10\n\x0cKIND_WAITING\x10\x02\x12\x11\n\rKIND_ASSIGNED\x10\x03\x12\x11\n\rKIND_REQUEUED\x10\x04\x12\x10\n\x0cKIND_STARTED\x10\x05\x12\x12\n\x0eKIND_COMPLETED\x10\x06\x12\x0f\n\x0bKIND_FAILED\x10\x07\x12\x10\n\x0cKIND_EXPIRED\x10\x08\x12\x12\n\x0eKIND_CANCELLED\x10\t\x12\r\n\tKIND_DEAD\x10\n\x12\x11\n\rKIND_REJECTED\x10\x0b\"?\n\x0eLifecycleBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.sluicegate.v1.LifecycleEvent*\xc0\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x01\x12\x16\n\x12TASK_STATUS_FAILED\x10\x02\x12\x14\n\x10TASK_STATUS_DEAD\x10\x03\x12\x18\n\x14TASK_STATUS_REJECTED\x10\x04\x12\x17\n\x13TASK_STATUS_EXPIRED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,38 +41,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKRESULT_TRACEENTRY']._serialized_options = b'8\001'
   _globals['_WORKERSTATE_LABELSENTRY']._loaded_options = None
   _globals['_WORKERSTATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1918
-  _globals['_TASKSTATUS']._serialized_end=2058
+  _globals['_TASKSTATUS']._serialized_start=3121
+  _globals['_TASKSTATUS']._serialized_end=3313
   _globals['_TASK']._serialized_start=48
-  _globals['_TASK']._serialized_end=411
-  _globals['_TASK_LABELSENTRY']._serialized_start=320
-  _globals['_TASK_LABELSENTRY']._serialized_end=365
-  _globals['_TASK_TRACEENTRY']._serialized_start=367
-  _globals['_TASK_TRACEENTRY']._serialized_end=411
-  _globals['_TASKBATCH']._serialized_start=413
-  _globals['_TASKBATCH']._serialized_end=460
-  _globals['_REQUEUE']._serialized_start=462
-  _globals['_REQUEUE']._serialized_end=554
-  _globals['_ASSIGNMENT']._serialized_start=557
-  _globals['_ASSIGNMENT']._serialized_end=896
-  _globals['_ASSIGNMENT_TRACEENTRY']._serialized_start=367
-  _globals['_ASSIGNMENT_TRACEENTRY']._serialized_end=411
-  _globals['_ASSIGNMENTBATCH']._serialized_start=898
-  _globals['_ASSIGNMENTBATCH']._serialized_end=963
-  _globals['_TASKRESULT']._serialized_start=966
-  _globals['_TASKRESULT']._serialized_end=1294
-  _globals['_TASKRESULT_TRACEENTRY']._serialized_start=367
-  _globals['_TASKRESULT_TRACEENTRY']._serialized_end=411
-  _globals['_TASKRESULTBATCH']._serialized_start=1296
-  _globals['_TASKRESULTBATCH']._serialized_end=1357
-  _globals['_DEADLETTER']._serialized_start=1359
-  _globals['_DEADLETTER']._serialized_end=1462
-  _globals['_DEADLETTERBATCH']._serialized_start=1464
-  _globals['_DEADLETTERBATCH']._serialized_end=1522
-  _globals['_WORKERSTATE']._serialized_start=1525
-  _globals['_WORKERSTATE']._serialized_end=1781
-  _globals['_WORKERSTATE_LABELSENTRY']._serialized_start=320
-  _globals['_WORKERSTATE_LABELSENTRY']._serialized_end=365
-  _globals['_DISPATCHERSTATE']._serialized_start=1784
-  _globals['_DISPATCHERSTATE']._serialized_end=1915
+  _globals['_TASK']._serialized_end=639
+  _globals['_TASK_LABELSENTRY']._serialized_start=532
+  _globals['_TASK_LABELSENTRY']._serialized_end=577
+  _globals['_TASK_TRACEENTRY']._serialized_start=579
+  _globals['_TASK_TRACEENTRY']._serialized_end=623
+  _globals['_LABELPREFERENCE']._serialized_start=641
+  _globals['_LABELPREFERENCE']._serialized_end=702
+  _globals['_BACKOFF']._serialized_start=704
+  _globals['_BACKOFF']._serialized_end=788
+  _globals['_ACTIONOPTIONS']._serialized_start=790
+  _globals['_ACTIONOPTIONS']._serialized_end=888
+  _globals['_TASKBATCH']._serialized_start=890
+  _globals['_TASKBATCH']._serialized_end=937
+  _globals['_REQUEUE']._serialized_start=939
+  _globals['_REQUEUE']._serialized_end=1031
+  _globals['_ASSIGNMENT']._serialized_start=1034
+  _globals['_ASSIGNMENT']._serialized_end=1373
+  _globals['_ASSIGNMENT_TRACEENTRY']._serialized_start=579
+  _globals['_ASSIGNMENT_TRACEENTRY']._serialized_end=623
+  _globals['_ASSIGNMENTBATCH']._serialized_start=1375
+  _globals['_ASSIGNMENTBATCH']._serialized_end=1440
+  _globals['_TASKRESULT']._serialized_start=1443
+  _globals['_TASKRESULT']._serialized_end=1771
+  _globals['_TASKRESULT_TRACEENTRY']._serialized_start=579
+  _globals['_TASKRESULT_TRACEENTRY']._serialized_end=623
+  _globals['_TASKRESULTBATCH']._serialized_start=1773
+  _globals['_TASKRESULTBATCH']._serialized_end=1834
+  _globals['_DEADLETTER']._serialized_start=1836
+  _globals['_DEADLETTER']._serialized_end=1939
+  _globals['_DEADLETTERBATCH']._serialized_start=1941
+  _globals['_DEADLETTERBATCH']._serialized_end=1999
+  _globals['_WORKERSTATE']._serialized_start=2002
+  _globals['_WORKERSTATE']._serialized_end=2258
+  _globals['_WORKERSTATE_LABELSENTRY']._serialized_start=532
+  _globals['_WORKERSTATE_LABELSENTRY']._serialized_end=577
+  _globals['_DISPATCHERSTATE']._serialized_start=2261
+  _globals['_DISPATCHERSTATE']._serialized_end=2438
+  _globals['_KEYLEASES']._serialized_start=2440
+  _globals['_KEYLEASES']._serialized_end=2511
+  _globals['_LIFECYCLEEVENT']._serialized_start=2514
+  _globals['_LIFECYCLEEVENT']._serialized_end=3053
+  _globals['_LIFECYCLEEVENT_KIND']._serialized_start=2822
+  _globals['_LIFECYCLEEVENT_KIND']._serialized_end=3053
+  _globals['_LIFECYCLEBATCH']._serialized_start=3055
+  _globals['_LIFECYCLEBATCH']._serialized_end=3118
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,10 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     """could not be dispatched within max_dispatch_attempts"""
     TASK_STATUS_REJECTED: _TaskStatus.ValueType  # 4
     """invalid, never dispatched"""
+    TASK_STATUS_EXPIRED: _TaskStatus.ValueType  # 5
+    """not started within its schedule timeout; never runs"""
+    TASK_STATUS_CANCELLED: _TaskStatus.ValueType  # 6
+    """cancelled before it finished"""
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper): ...
 
@@ -46,6 +50,10 @@ TASK_STATUS_DEAD: TaskStatus.ValueType  # 3
 """could not be dispatched within max_dispatch_attempts"""
 TASK_STATUS_REJECTED: TaskStatus.ValueType  # 4
 """invalid, never dispatched"""
+TASK_STATUS_EXPIRED: TaskStatus.ValueType  # 5
+"""not started within its schedule timeout; never runs"""
+TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 6
+"""cancelled before it finished"""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 @_typing.final
@@ -105,6 +113,13 @@ class Task(_message.Message):
     TRACE_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_MS_FIELD_NUMBER: _builtins.int
+    RUN_AT_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FAIRNESS_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    STICKY_KEY_FIELD_NUMBER: _builtins.int
+    PREFERRED_FIELD_NUMBER: _builtins.int
+    BACKOFF_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """unique, chosen by the client (UUID)"""
     tenant: _builtins.str
@@ -112,15 +127,25 @@ class Task(_message.Message):
     """handler name on the worker"""
     payload: _builtins.bytes
     priority: _builtins.int
-    """higher runs first among waiting tasks"""
+    """0-9; higher is assigned first among tasks waiting for the same workers"""
     timeout_ms: _builtins.int
     """how long one run may take; 0 = no limit"""
     max_retries: _builtins.int
-    """reruns after a handler failure marked retryable"""
+    """reruns after a retryable handler failure; unset = the action's default"""
     reply_to: _builtins.str
     """the submitting client's id; results are routed to it"""
     submitted_at_ms: _builtins.int
     """unix milliseconds, set by the client"""
+    run_at_ms: _builtins.int
+    """not assigned before this (unix ms); 0 = at once"""
+    schedule_timeout_ms: _builtins.int
+    """not started within this after submission: ends EXPIRED; 0 = never"""
+    fairness_key: _builtins.str
+    """tasks of one tenant share workers by weight across these keys"""
+    concurrency_key: _builtins.str
+    """running tasks per (tenant, action, key) are capped by the scheduler's limits"""
+    sticky_key: _builtins.str
+    """tasks with one key go to the same worker while it lives"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """a worker must carry every one of these labels"""
@@ -128,6 +153,14 @@ class Task(_message.Message):
     @_builtins.property
     def trace(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context of the submit (traceparent, tracestate)"""
+
+    @_builtins.property
+    def preferred(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelPreference]:
+        """soft affinity: workers with these labels are preferred by weight"""
+
+    @_builtins.property
+    def backoff(self) -> Global___Backoff:
+        """wait between retries; unset = the action's default"""
 
     def __init__(
         self,
@@ -139,18 +172,114 @@ class Task(_message.Message):
         priority: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_ms: _builtins.int = ...,
-        max_retries: _builtins.int = ...,
+        max_retries: _builtins.int | None = ...,
         trace: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         reply_to: _builtins.str = ...,
         submitted_at_ms: _builtins.int = ...,
+        run_at_ms: _builtins.int = ...,
+        schedule_timeout_ms: _builtins.int = ...,
+        fairness_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        sticky_key: _builtins.str = ...,
+        preferred: _abc.Iterable[Global___LabelPreference] | None = ...,
+        backoff: Global___Backoff | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "backoff", b"backoff", "max_retries", b"max_retries"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "action", b"action", "backoff", b"backoff", "concurrency_key", b"concurrency_key", "fairness_key", b"fairness_key", "labels", b"labels", "max_retries", b"max_retries", "payload", b"payload", "preferred", b"preferred", "priority", b"priority", "reply_to", b"reply_to", "run_at_ms", b"run_at_ms", "schedule_timeout_ms", b"schedule_timeout_ms", "sticky_key", b"sticky_key", "submitted_at_ms", b"submitted_at_ms", "task_id", b"task_id", "tenant", b"tenant", "timeout_ms", b"timeout_ms", "trace", b"trace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class LabelPreference(_message.Message):
+    """A label a task would like its worker to carry, and how much it matters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    weight: _builtins.int
+    """1-100"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+        weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "labels", b"labels", "max_retries", b"max_retries", "payload", b"payload", "priority", b"priority", "reply_to", b"reply_to", "submitted_at_ms", b"submitted_at_ms", "task_id", b"task_id", "tenant", b"tenant", "timeout_ms", b"timeout_ms", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Task: _TypeAlias = Task  # noqa: Y015
+Global___LabelPreference: _TypeAlias = LabelPreference  # noqa: Y015
+
+@_typing.final
+class Backoff(_message.Message):
+    """Exponential backoff with full jitter between retries: a wait drawn from [0, min(max, initial * multiplier^n)]."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INITIAL_MS_FIELD_NUMBER: _builtins.int
+    MAX_MS_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_FIELD_NUMBER: _builtins.int
+    NO_JITTER_FIELD_NUMBER: _builtins.int
+    initial_ms: _builtins.int
+    max_ms: _builtins.int
+    multiplier: _builtins.float
+    """0 means 2"""
+    no_jitter: _builtins.bool
+    """wait exactly the computed time"""
+    def __init__(
+        self,
+        *,
+        initial_ms: _builtins.int = ...,
+        max_ms: _builtins.int = ...,
+        multiplier: _builtins.float = ...,
+        no_jitter: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_ms", b"initial_ms", "max_ms", b"max_ms", "multiplier", b"multiplier", "no_jitter", b"no_jitter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Backoff: _TypeAlias = Backoff  # noqa: Y015
+
+@_typing.final
+class ActionOptions(_message.Message):
+    """Defaults a worker declares for one of its actions; a task's own settings win."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    BACKOFF_FIELD_NUMBER: _builtins.int
+    max_retries: _builtins.int
+    @_builtins.property
+    def backoff(self) -> Global___Backoff: ...
+    def __init__(
+        self,
+        *,
+        max_retries: _builtins.int | None = ...,
+        backoff: Global___Backoff | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "backoff", b"backoff", "max_retries", b"max_retries"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "backoff", b"backoff", "max_retries", b"max_retries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
+
+Global___ActionOptions: _TypeAlias = ActionOptions  # noqa: Y015
 
 @_typing.final
 class TaskBatch(_message.Message):
@@ -529,12 +658,17 @@ class DispatcherState(_message.Message):
     AT_MS_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    KEY_LEASES_FIELD_NUMBER: _builtins.int
     dispatcher_id: _builtins.str
     seq: _builtins.int
     at_ms: _builtins.int
     draining: _builtins.bool
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerState]: ...
+    @_builtins.property
+    def key_leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyLeases]:
+        """leases held per concurrency key (keys with none are left out)"""
+
     def __init__(
         self,
         *,
@@ -543,11 +677,171 @@ class DispatcherState(_message.Message):
         at_ms: _builtins.int = ...,
         workers: _abc.Iterable[Global___WorkerState] | None = ...,
         draining: _builtins.bool = ...,
+        key_leases: _abc.Iterable[Global___KeyLeases] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "key_leases", b"key_leases", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DispatcherState: _TypeAlias = DispatcherState  # noqa: Y015
+
+@_typing.final
+class KeyLeases(_message.Message):
+    """How many leases of one (tenant, action, concurrency key) a dispatcher holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    action: _builtins.str
+    key: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        action: _builtins.str = ...,
+        key: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "count", b"count", "key", b"key", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyLeases: _TypeAlias = KeyLeases  # noqa: Y015
+
+@_typing.final
+class LifecycleEvent(_message.Message):
+    """Something that happened to a task, for whoever records task histories (the recorder)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LifecycleEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: LifecycleEvent._Kind.ValueType  # 0
+        KIND_SUBMITTED: LifecycleEvent._Kind.ValueType  # 1
+        """the scheduler took it in"""
+        KIND_WAITING: LifecycleEvent._Kind.ValueType  # 2
+        """parked in a lane or delayed; reason says why"""
+        KIND_ASSIGNED: LifecycleEvent._Kind.ValueType  # 3
+        """an attempt was published to a worker's dispatcher"""
+        KIND_REQUEUED: LifecycleEvent._Kind.ValueType  # 4
+        """an attempt came back; reason says why"""
+        KIND_STARTED: LifecycleEvent._Kind.ValueType  # 5
+        """the worker's receipt was accepted: the handler runs"""
+        KIND_COMPLETED: LifecycleEvent._Kind.ValueType  # 6
+        KIND_FAILED: LifecycleEvent._Kind.ValueType  # 7
+        KIND_EXPIRED: LifecycleEvent._Kind.ValueType  # 8
+        KIND_CANCELLED: LifecycleEvent._Kind.ValueType  # 9
+        KIND_DEAD: LifecycleEvent._Kind.ValueType  # 10
+        KIND_REJECTED: LifecycleEvent._Kind.ValueType  # 11
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: LifecycleEvent.Kind.ValueType  # 0
+    KIND_SUBMITTED: LifecycleEvent.Kind.ValueType  # 1
+    """the scheduler took it in"""
+    KIND_WAITING: LifecycleEvent.Kind.ValueType  # 2
+    """parked in a lane or delayed; reason says why"""
+    KIND_ASSIGNED: LifecycleEvent.Kind.ValueType  # 3
+    """an attempt was published to a worker's dispatcher"""
+    KIND_REQUEUED: LifecycleEvent.Kind.ValueType  # 4
+    """an attempt came back; reason says why"""
+    KIND_STARTED: LifecycleEvent.Kind.ValueType  # 5
+    """the worker's receipt was accepted: the handler runs"""
+    KIND_COMPLETED: LifecycleEvent.Kind.ValueType  # 6
+    KIND_FAILED: LifecycleEvent.Kind.ValueType  # 7
+    KIND_EXPIRED: LifecycleEvent.Kind.ValueType  # 8
+    KIND_CANCELLED: LifecycleEvent.Kind.ValueType  # 9
+    KIND_DEAD: LifecycleEvent.Kind.ValueType  # 10
+    KIND_REJECTED: LifecycleEvent.Kind.ValueType  # 11
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """stable for one happening: an at-least-once repeat carries the same id"""
+    task_id: _builtins.str
+    attempt: _builtins.int
+    kind: Global___LifecycleEvent.Kind.ValueType
+    at_ms: _builtins.int
+    tenant: _builtins.str
+    action: _builtins.str
+    worker_id: _builtins.str
+    dispatcher_id: _builtins.str
+    reason: _builtins.str
+    detail: _builtins.str
+    output: _builtins.bytes
+    """COMPLETED, up to the recorder's limit"""
+    error: _builtins.str
+    """FAILED, EXPIRED, DEAD, REJECTED"""
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """SUBMITTED: the task as submitted (payload included)"""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        kind: Global___LifecycleEvent.Kind.ValueType = ...,
+        at_ms: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        action: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        dispatcher_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        output: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at_ms", b"at_ms", "attempt", b"attempt", "detail", b"detail", "dispatcher_id", b"dispatcher_id", "error", b"error", "event_id", b"event_id", "kind", b"kind", "output", b"output", "reason", b"reason", "task", b"task", "task_id", b"task_id", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleEvent: _TypeAlias = LifecycleEvent  # noqa: Y015
+
+@_typing.final
+class LifecycleBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LifecycleEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleBatch: _TypeAlias = LifecycleBatch  # noqa: Y015
