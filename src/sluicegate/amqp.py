@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -15,6 +16,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
@@ -26,7 +28,30 @@ from sluicegate.settings import BrokerSettings
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-sluicegate-reason"
+MARKER_HEADER = "x-sluicegate-marker"  # a scheduler's own marker on an intake queue, not a task batch
 CONTENT_TYPE = "application/x-protobuf"
+# Rungs of the scheduler's delay ladder in milliseconds: 100 ms doubling up to about 12 days.
+DELAY_RUNGS_MS: tuple[int, ...] = tuple(100 * 2**i for i in range(24))
+
+
+class Delivery:
+    """One consumed message and how many of the items it carries have not found their fate yet.
+
+    Every consumer that takes a batch settles the message once, when the last item is done: a
+    batch never acks earlier than its items one by one would.
+    """
+
+    __slots__ = ("message", "pending")
+
+    def __init__(self, message: Any, pending: int) -> None:
+        self.message = message
+        self.pending = pending
+
+    def done(self, count: int = 1) -> bool:
+        """Count items as done; True exactly once, when none is left."""
+        before = self.pending
+        self.pending -= count
+        return before > 0 and self.pending <= 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +62,38 @@ class Topology:
 
     @property
     def tasks(self) -> str:
+        """The exchange clients submit to (routing key: tenant), and the intake of tenants without their own."""
         return f"{self.prefix}.tasks"
+
+    @property
+    def unrouted(self) -> str:
+        """Alternate exchange of `tasks`: a tenant with no intake of its own lands in the `tasks` queue."""
+        return f"{self.prefix}.tasks.unrouted"
+
+    def intake(self, tenant: str) -> str:
+        return f"{self.prefix}.intake.{tenant}"
+
+    @property
+    def registry(self) -> str:
+        """Where the scheduler records the lanes and intakes it created, to find them again after a restart."""
+        return f"{self.prefix}.scheduler.registry"
+
+    @property
+    def leader(self) -> str:
+        """Single-active-consumer queue whose lock message marks the one scheduler that schedules."""
+        return f"{self.prefix}.scheduler.leader"
+
+    @property
+    def due(self) -> str:
+        """Exchange and queue where delayed tasks arrive when their wait is over."""
+        return f"{self.prefix}.due"
+
+    def delay(self, millis: int) -> str:
+        return f"{self.prefix}.delay.{millis}ms"
+
+    @property
+    def lane_prefix(self) -> str:
+        return f"{self.prefix}.lane."
 
     @property
     def assign(self) -> str:
@@ -113,6 +169,7 @@ class Exchanges:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.tasks: AbstractExchange
+        self.unrouted: AbstractExchange
         self.assign: AbstractExchange
         self.requeue: AbstractExchange
         self.events: AbstractExchange
@@ -126,7 +183,10 @@ class Exchanges:
             aio_pika.ExchangeType.FANOUT,
             aio_pika.ExchangeType.TOPIC,
         )
-        self.tasks = await declare_exchange(channel, t.tasks, direct)
+        self.unrouted = await declare_exchange(channel, t.unrouted, fanout)
+        self.tasks = await channel.declare_exchange(
+            t.tasks, direct, durable=True, arguments={"alternate-exchange": t.unrouted}
+        )
         self.assign = await declare_exchange(channel, t.assign, direct)
         self.requeue = await declare_exchange(channel, t.requeue, fanout)
         self.events = await declare_exchange(channel, t.events, topic)
@@ -134,7 +194,7 @@ class Exchanges:
         self.control = await declare_exchange(channel, t.control, fanout)
         # The durable queues that must exist before anything is published to them, so that a
         # submit before the scheduler ever ran is kept, not returned.
-        await declare_bound_queue(channel, self.tasks, t.tasks, quorum(**{"x-single-active-consumer": True}))
+        await declare_bound_queue(channel, self.unrouted, t.tasks, quorum(**{"x-single-active-consumer": True}))
         await declare_bound_queue(channel, self.requeue, t.requeue, quorum(**{"x-single-active-consumer": True}))
         await declare_bound_queue(channel, self.dead, t.dead, quorum())
         return self
@@ -153,20 +213,38 @@ def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> d
     )
 
 
-async def connect(url: str, *, deadline: float = 30.0) -> AbstractRobustConnection:
-    """Connect robustly, retrying the first connect (which connect_robust does not) until `deadline`."""
+async def _connect_with_retries(open_: Any, url: str, deadline: float) -> Any:
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
     delay = 0.1
     while True:
         try:
-            return await aio_pika.connect_robust(url, timeout=5)
+            return await open_(url, timeout=5)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
             if loop.time() + delay > give_up:
                 raise PublishError("cannot reach the broker") from err
             log.warning("broker not reachable yet, retrying in %.1fs", delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
+
+
+async def connect(url: str, *, deadline: float = 30.0) -> AbstractRobustConnection:
+    """Connect robustly, retrying the first connect (which connect_robust does not) until `deadline`."""
+    connection: AbstractRobustConnection = await _connect_with_retries(aio_pika.connect_robust, url, deadline)
+    return connection
+
+
+async def connect_plain(url: str, *, deadline: float = 30.0) -> AbstractConnection:
+    """A connection that stays closed when it closes: for a process that rebuilds its state per connection."""
+    connection: AbstractConnection = await _connect_with_retries(aio_pika.connect, url, deadline)
+    return connection
+
+
+def with_heartbeat(url: str, seconds: int) -> str:
+    """The URL with an AMQP heartbeat, unless it names one: a hung peer is dropped after about three."""
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={seconds}"
 
 
 async def connect_broker(broker: BrokerSettings) -> AbstractRobustConnection:
@@ -249,17 +327,45 @@ async def publish_until_confirmed(
             delay = min(delay * 2, 2.0)
 
 
+async def recorded_queues(connection: AbstractRobustConnection, topology: Topology) -> list[str]:
+    """The lanes and intakes the scheduler's registry names (read, then put back); empty if it has none."""
+    from google.protobuf.message import DecodeError
+
+    from sluicegate.v1 import messages_pb2
+
+    channel = await connection.channel()
+    names: set[str] = set()
+    try:
+        queue = await channel.declare_queue(topology.registry, passive=True)
+        got = []
+        while (message := await queue.get(fail=False, timeout=10)) is not None:
+            got.append(message)
+            with contextlib.suppress(DecodeError):
+                names.update(r.queue for r in messages_pb2.LaneRecordBatch.FromString(message.body).records)
+        for message in got:
+            await message.nack(requeue=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return sorted(names)
+
+
 async def delete_topology(connection: AbstractRobustConnection, topology: Topology, dispatcher_ids: list[str]) -> None:
     """Delete every queue and exchange under the topology's prefix (tests and the demo clean up)."""
+    queues = await recorded_queues(connection, topology)
     channel = await connection.channel()
-    queues = [topology.tasks, topology.requeue, topology.dead]
+    queues += [topology.tasks, topology.requeue, topology.dead, topology.due, topology.registry, topology.leader]
+    queues += [topology.delay(ms) for ms in DELAY_RUNGS_MS]
     queues += [topology.inbox(d) for d in dispatcher_ids] + [topology.control_queue(d) for d in dispatcher_ids]
     for name in queues:
         try:
             await channel.queue_delete(name)
         except aiormq.exceptions.AMQPError:
             channel = await connection.channel()  # a failed delete closes the channel
-    for name in (topology.tasks, topology.assign, topology.requeue, topology.events, topology.dead, topology.control):
+    exchanges = (topology.tasks, topology.unrouted, topology.assign, topology.requeue, topology.events)
+    for name in (*exchanges, topology.dead, topology.control, topology.due):
         try:
             await channel.exchange_delete(name)
         except aiormq.exceptions.AMQPError:

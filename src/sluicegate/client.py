@@ -7,8 +7,9 @@ import contextlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +20,8 @@ from opentelemetry.trace import Span, SpanKind
 
 from sluicegate import amqp, telemetry
 from sluicegate.errors import InvalidInput, TaskFailed
+from sluicegate.retry import RetryPolicy
+from sluicegate.retry import stamp as stamp_retry
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_task
@@ -27,20 +30,68 @@ from sluicegate.wire import now_ms
 TaskResult = messages_pb2.TaskResult
 RESULTS_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
+BATCH_BYTES = 256 * 1024  # a submit message carries tasks up to this many bytes (one at least)
+Seconds = float | timedelta
 
 
 @dataclass(slots=True)
 class TaskSpec:
-    """One task to submit."""
+    """One task to submit.
+
+    `delay` / `run_at`: not assigned before then (durable, across scheduler restarts).
+    `schedule_timeout`: not started within it after submission, the task ends EXPIRED and never runs.
+    `fairness_key`: tasks of one tenant share workers by weight across keys. `concurrency_key`: the
+    scheduler's limits cap running tasks per key. `sticky_key`: tasks with one key go to the same worker
+    while it lives. `preferred`: soft affinity, {"label=value": weight}. `retry`: retries and their
+    backoff (`max_retries` alone keeps the default backoff); unset, the worker's default for the action.
+    """
 
     action: str
     payload: bytes | str | dict[str, Any] | list[Any] | None = None
     priority: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 0.0
-    max_retries: int = 0
+    max_retries: int | None = None
     tenant: str = "default"
     task_id: str = ""
+    delay: Seconds | None = None
+    run_at: datetime | float | None = None
+    schedule_timeout: Seconds | None = None
+    fairness_key: str = ""
+    concurrency_key: str = ""
+    sticky_key: str = ""
+    preferred: Mapping[str, int] = field(default_factory=dict)
+    retry: RetryPolicy | None = None
+
+
+def _seconds(value: Seconds | None, what: str) -> float:
+    if value is None:
+        return 0.0
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not 0 <= seconds <= 7 * 24 * 3600:
+        raise InvalidInput(f"{what} must be between 0 and 7 days")
+    return seconds
+
+
+def _run_at_ms(spec: TaskSpec, now: int) -> int:
+    if spec.delay is not None and spec.run_at is not None:
+        raise InvalidInput("give delay or run_at, not both")
+    if spec.delay is not None:
+        return now + round(_seconds(spec.delay, "delay") * 1000)
+    if spec.run_at is None:
+        return 0
+    at = spec.run_at.timestamp() if isinstance(spec.run_at, datetime) else float(spec.run_at)
+    return max(now, round(at * 1000))
+
+
+def _preferred(preferred: Mapping[str, int]) -> list[messages_pb2.LabelPreference]:
+    out = []
+    for label, weight in preferred.items():
+        key, sep, value = label.partition("=")
+        if not sep:
+            raise InvalidInput(f"preferred label {label[:40]!r} must look like key=value")
+        out.append(messages_pb2.LabelPreference(key=key, value=value, weight=int(weight)))
+    return out
 
 
 def _payload_bytes(payload: bytes | str | dict[str, Any] | list[Any] | None) -> bytes:
@@ -116,8 +167,9 @@ class Client:
     def _build(self, spec: TaskSpec) -> tuple[messages_pb2.Task, Span]:
         if not 0 <= spec.timeout_s <= 7 * 24 * 3600:
             raise InvalidInput("timeout must be between 0 and 7 days")
-        if spec.max_retries < 0 or spec.priority < 0:
+        if (spec.max_retries is not None and spec.max_retries < 0) or spec.priority < 0:
             raise InvalidInput("priority and max_retries must not be negative")
+        now = now_ms()
         task = messages_pb2.Task(
             task_id=spec.task_id or uuid.uuid4().hex,
             tenant=spec.tenant,
@@ -126,10 +178,19 @@ class Client:
             priority=spec.priority,
             labels=spec.labels,
             timeout_ms=int(spec.timeout_s * 1000),
-            max_retries=spec.max_retries,
             reply_to=self.client_id,
-            submitted_at_ms=now_ms(),
+            submitted_at_ms=now,
+            run_at_ms=_run_at_ms(spec, now),
+            schedule_timeout_ms=round(_seconds(spec.schedule_timeout, "schedule_timeout") * 1000),
+            fairness_key=spec.fairness_key,
+            concurrency_key=spec.concurrency_key,
+            sticky_key=spec.sticky_key,
+            preferred=_preferred(spec.preferred),
         )
+        if spec.retry is not None:
+            stamp_retry(task, spec.retry)
+        if spec.max_retries is not None:
+            task.max_retries = spec.max_retries
         check_task(task, self.max_payload)
         span = telemetry.start(
             f"submit {task.action}",
@@ -158,7 +219,6 @@ class Client:
             raise RuntimeError("client is not connected")
         built = [self._build(spec) for spec in specs]
         tasks = [task for task, _ in built]
-        batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
         headers: dict[str, str] = {}
         propagate.inject(headers)  # the caller's context, if any, for the message as a whole
         try:
@@ -166,12 +226,12 @@ class Client:
                 *(
                     amqp.publish_until_confirmed(
                         self._tasks,
-                        self.topology.tasks,
+                        tenant,  # a tenant with an intake of its own is routed to it, others to the shared one
                         messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
                         headers=headers,
                         timeout=self.broker.confirm_timeout_s,
                     )
-                    for batch in batches
+                    for tenant, batch in _batches(tasks, batch_size)
                 )
             )
         finally:
@@ -230,3 +290,19 @@ class Client:
             waiter = self._waiters.pop(result.task_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(result)
+
+
+def _batches(tasks: list[messages_pb2.Task], most: int) -> list[tuple[str, list[messages_pb2.Task]]]:
+    """Consecutive tasks of one tenant, up to `most` and BATCH_BYTES a message: memory is bounded by bytes."""
+    batches: list[tuple[str, list[messages_pb2.Task]]] = []
+    size = 0
+    for task in tasks:
+        task_size = task.ByteSize()
+        last = batches[-1] if batches else None
+        if last is None or last[0] != task.tenant or len(last[1]) >= most or size + task_size > BATCH_BYTES:
+            batches.append((task.tenant, [task]))
+            size = task_size
+        else:
+            last[1].append(task)
+            size += task_size
+    return batches

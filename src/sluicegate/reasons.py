@@ -21,7 +21,9 @@ class Reason(StrEnum):
     UNROUTABLE = "unroutable"  # the dispatcher's inbox did not exist
     INVALID = "invalid"  # the task itself is malformed; it can never run
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # not started within its schedule timeout
+    RETRIES_EXHAUSTED = "retries_exhausted"  # the handler failed after its last retry
 
     @property
     def counts_as_dispatch_failure(self) -> bool:
-        return self not in (Reason.HANDLER_FAILED, Reason.DRAINING, Reason.WORKER_REREGISTERED)
+        return self not in (Reason.HANDLER_FAILED, Reason.DRAINING, Reason.WORKER_REREGISTERED, Reason.CANCELLED)

@@ -13,7 +13,10 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
-MAX_PRIORITY = 255
+MAX_PRIORITY = 9
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/=+-]{0,127}$")
+MAX_DELAY_MS = 7 * 24 * 3600 * 1000
+MAX_PREFERRED = 16
 MAX_RETRIES = 100
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 MAX_LABELS = 32
@@ -59,3 +62,18 @@ def check_task(task: messages_pb2.Task, max_payload: int = DEFAULT_MAX_PAYLOAD) 
     if task.timeout_ms > MAX_TIMEOUT_MS:
         raise InvalidInput("timeout must be at most 7 days")
     check_labels(task.labels)
+    if task.run_at_ms and task.submitted_at_ms and task.run_at_ms - task.submitted_at_ms > MAX_DELAY_MS:
+        raise InvalidInput("a task can be delayed by at most 7 days")
+    if task.schedule_timeout_ms > MAX_TIMEOUT_MS:
+        raise InvalidInput("schedule_timeout must be at most 7 days")
+    for name in ("fairness_key", "concurrency_key", "sticky_key"):
+        value = getattr(task, name)
+        if value and not KEY_PATTERN.fullmatch(value):
+            raise InvalidInput(f"{name} must hold 1 to 128 letters, digits or _ . : @ / = + -")
+    if len(task.preferred) > MAX_PREFERRED:
+        raise InvalidInput(f"at most {MAX_PREFERRED} preferred labels are allowed")
+    for preference in task.preferred:
+        if not LABEL_KEY_PATTERN.fullmatch(preference.key) or len(preference.value) > MAX_LABEL_VALUE:
+            raise InvalidInput("a preferred label needs a valid key and a value of at most 256 characters")
+        if not 1 <= preference.weight <= 100:
+            raise InvalidInput("a preferred label's weight must be between 1 and 100")

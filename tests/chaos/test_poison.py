@@ -78,7 +78,7 @@ async def test_poison(scenario: ScenarioFactory, size: Size) -> None:
         finally:
             haunting.cancel()
         with pytest.raises(Unroutable):  # a publish nobody can receive raises, it is never dropped
-            await amqp.publish(exchanges.tasks, "no-such-queue", b"x", timeout=5)
+            await amqp.publish(exchanges.assign, "no-such-dispatcher", b"x", timeout=5)
         await publisher.close()
 
         poison = [t for t, p in sc.ledger.results.items() if p[0].result.status == messages_pb2.TASK_STATUS_DEAD]

@@ -84,7 +84,7 @@ async def test_scheduler_buries_undecodable_and_out_of_range_tasks(stack: Stack)
         )
         result = await client.result("t-1", timeout=10)
     assert result.status == messages_pb2.TASK_STATUS_REJECTED
-    assert "priority must be between 0 and 255" in result.error
+    assert "priority must be between 0 and 9" in result.error
     body, _ = await _get_dead(stack)
     assert messages_pb2.DeadLetterBatch.FromString(body).dead[0].task.task_id == "t-1"
     assert scheduler.stats.rejected == 1

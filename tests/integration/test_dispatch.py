@@ -47,7 +47,7 @@ async def test_task_waits_for_a_worker_that_serves_its_action(stack: Stack) -> N
     client = await stack.client()
 
     task_id = await client.submit("shout", b"hello")
-    await eventually(lambda: len(scheduler.waiting) == 1)
+    await eventually(lambda: scheduler.waiting == 1)
     await asyncio.sleep(0.5)
     assert task_id not in client.results
     assert scheduler.stats.assigned == 0, "nothing is assigned to a worker that cannot run it"

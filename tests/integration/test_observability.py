@@ -229,7 +229,10 @@ async def test_metrics_endpoint_reports_what_happened(stack: Stack) -> None:
     assert dm[("sluicegate_batch_size_sum", (("kind", "results"),))] == 21
     assert sm[("sluicegate_tasks_assigned_total", ())] == 21
     assert sm[("sluicegate_tasks_received_total", ())] == 21
-    assert sm[("sluicegate_waiting_tasks", ())] == 0
+    assert all(
+        sm[("sluicegate_waiting_tasks", (("reason", r),))] == 0 for r in ("no_worker", "at_limit", "busy", "delayed")
+    )
+    assert sm[("sluicegate_batch_size_sum", (("kind", "assignments"),))] == 21
     assert sm[("sluicegate_known_workers", ())] == 1
     assert wm[("sluicegate_worker_tasks_total", (("status", "completed"),))] == 20
     assert wm[("sluicegate_worker_tasks_total", (("status", "failed"),))] == 1

@@ -1,4 +1,4 @@
-"""Unit tests of the scheduler's pure core: WorkerPool (view of workers, picking) and Waiting (queue order)."""
+"""Unit tests of the scheduler's view of workers: WorkerPool (snapshots, picking, keys in flight)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from sluicegate_scheduler.assignment import Waiting, WorkerPool, WorkerReport, WorkerView
+from sluicegate_scheduler.assignment import WorkerPool, WorkerReport, WorkerView
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -328,118 +328,3 @@ def test_forget() -> None:
     pool.forget("never-seen")
     assert len(pool) == 0
     assert picked_id(pool) is None
-
-
-# Waiting.
-
-
-def test_waiting_orders_by_priority_then_fifo() -> None:
-    waiting = Waiting()
-    key = ("acme", "resize")
-    waiting.push("acme", "resize", 0, "low-1")
-    waiting.push("acme", "resize", 5, "high-1")
-    waiting.push("acme", "resize", 0, "low-2")
-    waiting.push("acme", "resize", 5, "high-2")
-    waiting.push("acme", "resize", 9, "urgent")
-    assert len(waiting) == 5
-    assert waiting.peek(key) == "urgent"
-    assert [waiting.pop(key) for _ in range(5)] == ["urgent", "high-1", "high-2", "low-1", "low-2"]
-    assert len(waiting) == 0
-    assert waiting.peek(key) is None
-
-
-def test_waiting_is_fifo_among_many_equal_priorities() -> None:
-    waiting = Waiting()
-    for i in range(200):
-        waiting.push("t", "a", 1, i)
-    assert [waiting.pop(("t", "a")) for _ in range(200)] == list(range(200))
-
-
-def test_waiting_keeps_queues_per_tenant_and_action() -> None:
-    waiting = Waiting()
-    waiting.push("acme", "resize", 0, "r")
-    waiting.push("acme", "encode", 0, "e")
-    waiting.push("globex", "resize", 0, "g")
-    assert waiting.peek(("acme", "resize")) == "r"
-    assert waiting.peek(("acme", "encode")) == "e"
-    assert waiting.peek(("globex", "resize")) == "g"
-    assert waiting.peek(("globex", "encode")) is None
-    assert waiting.pop(("acme", "encode")) == "e"
-    assert waiting.peek(("acme", "resize")) == "r"
-    assert waiting.peek(("acme", "encode")) is None
-    assert len(waiting) == 2
-
-
-def test_peek_does_not_remove() -> None:
-    waiting = Waiting()
-    waiting.push("t", "a", 0, "x")
-    assert waiting.peek(("t", "a")) == "x"
-    assert waiting.peek(("t", "a")) == "x"
-    assert len(waiting) == 1
-
-
-def test_requeue_front_goes_ahead_of_its_priority_peers() -> None:
-    waiting = Waiting()
-    key = ("t", "a")
-    waiting.push("t", "a", 1, "peer-1")
-    waiting.push("t", "a", 1, "peer-2")
-    waiting.push("t", "a", 2, "higher")
-    waiting.push("t", "a", 0, "lower")
-    waiting.requeue_front(key, "back", 1)
-    assert len(waiting) == 5
-    assert [waiting.pop(key) for _ in range(5)] == ["higher", "back", "peer-1", "peer-2", "lower"]
-
-
-def test_requeue_front_into_an_empty_queue() -> None:
-    waiting = Waiting()
-    waiting.requeue_front(("t", "a"), "x", 3)
-    assert len(waiting) == 1
-    assert waiting.peek(("t", "a")) == "x"
-    assert waiting.pop(("t", "a")) == "x"
-
-
-def test_requeue_front_after_pop_restores_the_head() -> None:
-    waiting = Waiting()
-    key = ("t", "a")
-    for i in range(3):
-        waiting.push("t", "a", 0, i)
-    head = waiting.pop(key)
-    waiting.requeue_front(key, head, 0)
-    assert [waiting.pop(key) for _ in range(3)] == [0, 1, 2]
-
-
-def test_requeue_front_of_several_items_keeps_their_order() -> None:
-    waiting = Waiting()
-    key = ("t", "a")
-    for i in range(4):
-        waiting.push("t", "a", 0, i)
-    taken = [waiting.pop(key) for _ in range(3)]  # placed as one batch whose publish then fails
-    for item in taken:
-        waiting.requeue_front(key, item, 0)
-    assert [waiting.pop(key) for _ in range(4)] == [0, 1, 2, 3]
-
-
-def test_requeued_batches_come_back_oldest_first() -> None:
-    waiting = Waiting()
-    key = ("t", "a")
-    for item in "ABCD":
-        waiting.push("t", "a", 0, item)
-    first_batch = [waiting.pop(key), waiting.pop(key)]  # A, B to one dispatcher
-    second_batch = [waiting.pop(key), waiting.pop(key)]  # C, D to another
-    waiting.push("t", "a", 0, "E")  # a new arrival meanwhile
-    for item in second_batch:  # the second publish fails first
-        waiting.requeue_front(key, item, 0)
-    for item in first_batch:
-        waiting.requeue_front(key, item, 0)
-    assert [waiting.pop(key) for _ in range(5)] == ["A", "B", "C", "D", "E"]
-
-
-def test_put_back_items_stay_ahead_of_new_arrivals() -> None:
-    waiting = Waiting()
-    key = ("t", "a")
-    waiting.push("t", "a", 0, "old")
-    taken = waiting.pop(key)
-    waiting.push("t", "a", 0, "new-1")
-    waiting.requeue_front(key, taken, 0)
-    waiting.push("t", "a", 0, "new-2")
-    assert [waiting.pop(key) for _ in range(3)] == ["old", "new-1", "new-2"]

@@ -30,7 +30,7 @@ def valid_task(**fields: object) -> messages_pb2.Task:
         tenant="acme",
         action="images.resize",
         payload=b'{"w": 64}',
-        priority=10,
+        priority=7,
         timeout_ms=30_000,
         max_retries=3,
     )

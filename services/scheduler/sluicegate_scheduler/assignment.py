@@ -1,12 +1,19 @@
-"""The scheduler's pure core: its view of workers, the tasks waiting, and who gets which task."""
+"""The scheduler's view of workers and who gets which task (pure).
+
+The view comes from the dispatchers' state snapshots; between two snapshots the scheduler counts
+what it published itself (`sent` against the dispatcher's `received`), so a burst never
+over-commits a worker, and the same ledger counts running tasks per concurrency key.
+"""
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+
+KeyScope = tuple[str, str, str]  # (tenant, action, concurrency key)
+Preference = tuple[str, str, int]  # (label key, value, weight)
 
 
 @dataclass(slots=True, eq=False)
@@ -24,6 +31,7 @@ class WorkerView:
     reported_received: int
     ready: bool
     sent: int = 0  # assignments this scheduler published to the session
+    keyed: deque[tuple[int, KeyScope]] = field(default_factory=deque)  # (sent at, scope) not yet reported
 
     @property
     def in_transit(self) -> int:
@@ -38,6 +46,9 @@ class WorkerView:
         return (
             self.tenant == tenant and action in self.actions and all(self.labels.get(k) == v for k, v in labels.items())
         )
+
+    def preference(self, preferred: Sequence[Preference]) -> int:
+        return sum(weight for key, value, weight in preferred if self.labels.get(key) == value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,7 @@ class _DispatcherView:
     seen_at: float
     draining: bool
     workers: dict[str, WorkerView] = field(default_factory=dict)
+    key_leases: Counter[KeyScope] = field(default_factory=Counter)
 
 
 class WorkerPool:
@@ -71,6 +83,9 @@ class WorkerPool:
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
         self._cooling: dict[str, tuple[float, int]] = {}  # worker id -> (last resort until, strikes)
+        self._key_leases: Counter[KeyScope] = Counter()  # reported by dispatchers, summed
+        self._key_transit: Counter[KeyScope] = Counter()  # published, not yet in a report
+        self._served: set[tuple[str, str]] | None = None
 
     def __iter__(self) -> Iterator[WorkerView]:
         for view in self._dispatchers.values():
@@ -79,16 +94,24 @@ class WorkerPool:
     def __len__(self) -> int:
         return sum(len(v.workers) for v in self._dispatchers.values())
 
-    def update(self, dispatcher_id: str, seq: int, draining: bool, workers: Iterable[WorkerReport], now: float) -> bool:
+    def update(
+        self,
+        dispatcher_id: str,
+        seq: int,
+        draining: bool,
+        workers: Iterable[WorkerReport],
+        now: float,
+        key_leases: Iterable[tuple[KeyScope, int]] = (),
+    ) -> bool:
         """Apply a snapshot; older ones (by seq) are ignored. Returns True if applied."""
         old = self._dispatchers.get(dispatcher_id)
         if old is not None and seq <= old.seq and seq != 0:
             old.seen_at = now
             return False
-        fresh = _DispatcherView(seq=seq, seen_at=now, draining=draining)
+        fresh = _DispatcherView(seq=seq, seen_at=now, draining=draining, key_leases=Counter(dict(key_leases)))
         for w in workers:
             previous = old.workers.get(w.session_id) if old else None
-            fresh.workers[w.session_id] = WorkerView(
+            view = fresh.workers[w.session_id] = WorkerView(
                 worker_id=w.worker_id,
                 session_id=w.session_id,
                 dispatcher_id=dispatcher_id,
@@ -102,10 +125,37 @@ class WorkerPool:
                 # Never below what the dispatcher consumed: a redelivered or re-published assignment
                 # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
                 sent=max(previous.sent if previous else 0, w.received),
+                keyed=previous.keyed if previous else deque(),
             )
+            while view.keyed and view.keyed[0][0] <= w.received:  # now among the dispatcher's leases
+                self._key_transit[view.keyed.popleft()[1]] -= 1
+        if old is not None:
+            self._key_leases.subtract(old.key_leases)
+            for gone in old.workers.keys() - fresh.workers.keys():
+                self._drop_transit(old.workers[gone])
+        self._key_leases.update(fresh.key_leases)
         self._dispatchers[dispatcher_id] = fresh
-        self._lanes.clear()
+        self._changed()
         return True
+
+    def _changed(self) -> None:
+        self._lanes.clear()
+        self._served = None
+
+    def _drop_transit(self, worker: WorkerView) -> None:
+        for _, scope in worker.keyed:
+            self._key_transit[scope] -= 1
+        worker.keyed.clear()
+
+    def running(self, scope: KeyScope) -> int:
+        """Tasks of a (tenant, action, key) running or on their way to a worker."""
+        return max(0, self._key_leases[scope]) + max(0, self._key_transit[scope])
+
+    def serves(self, tenant: str, action: str) -> bool:
+        """Whether any worker taking work serves the action (labels aside)."""
+        if self._served is None:
+            self._served = {(w.tenant, a) for w in self if w.ready for a in w.actions}
+        return (tenant, action) in self._served
 
     def _lane(self, tenant: str, action: str) -> list[WorkerView]:
         """The workers of a tenant that serve an action, indexed once per change of the view."""
@@ -115,17 +165,23 @@ class WorkerPool:
         return lane
 
     def forget(self, dispatcher_id: str) -> None:
-        self._dispatchers.pop(dispatcher_id, None)
-        self._lanes.clear()
+        view = self._dispatchers.pop(dispatcher_id, None)
+        if view is not None:
+            self._key_leases.subtract(view.key_leases)
+            for worker in view.workers.values():
+                self._drop_transit(worker)
+        self._changed()
 
     def forget_silent(self, now: float, stale_after: float) -> list[str]:
         """Drop dispatchers not heard from within `stale_after` seconds; returns their ids."""
         gone = [d for d, v in self._dispatchers.items() if now - v.seen_at > stale_after]
         for d in gone:
-            del self._dispatchers[d]
-        if gone:
-            self._lanes.clear()
+            self.forget(d)
         return gone
+
+    def alive(self, worker_id: str, tenant: str, action: str) -> bool:
+        """Whether a worker of that id takes work for the action (whatever its free slots)."""
+        return any(w.worker_id == worker_id and w.ready for w in self._lane(tenant, action))
 
     def cool_down(self, worker_id: str, now: float, base: float, longest: float = 60.0) -> None:
         """A worker that just failed a dispatch (stalled, lost) gets work only as a last resort for a while.
@@ -147,15 +203,25 @@ class WorkerPool:
         labels: dict[str, str],
         avoid: frozenset[str] = frozenset(),
         now: float = 0.0,
+        *,
+        preferred: Sequence[Preference] = (),
+        sticky: str = "",
     ) -> WorkerView | None:
-        """The eligible worker with the largest share of free slots; ties go round-robin.
+        """The eligible worker that matches the most preferred labels, then has the largest share of
+        free slots; ties go round-robin.
 
-        A worker in `avoid` (it failed this task before) is used only when no other can take it.
+        A worker in `avoid` (it failed this task before) or cooling down is used only when no other
+        can take it. With `sticky` naming a worker that takes this action, only that worker will do:
+        None while it is full.
         """
         best: WorkerView | None = None
-        best_score = -1.0
+        best_score = (-1, -1.0)
         fallback: WorkerView | None = None
         workers = self._lane(tenant, action)
+        if sticky:
+            mine = [w for w in workers if w.worker_id == sticky and w.ready and w.serves(tenant, action, labels)]
+            if mine:
+                return next((w for w in mine if w.free > 0), None)
         # Start the scan at a rotating offset and keep the first best: equal workers take turns.
         start = next(self._rotation) % len(workers) if workers else 0
         for w in workers[start:] + workers[:start]:
@@ -165,70 +231,29 @@ class WorkerPool:
             if w.worker_id in avoid or self._cooling.get(w.worker_id, (0.0, 0))[0] > now:
                 fallback = fallback or w
                 continue
-            score = free / w.slots  # the share of free slots spreads load
+            score = (
+                w.preference(preferred) if preferred else 0,
+                free / w.slots,
+            )  # the share of free slots spreads load
             if score > best_score:
                 best, best_score = w, score
         return best or fallback
 
-    def assigned(self, worker: WorkerView) -> None:
+    def assigned(self, worker: WorkerView, scope: KeyScope | None = None) -> None:
         worker.sent += 1
+        if scope is not None:
+            worker.keyed.append((worker.sent, scope))
+            self._key_transit[scope] += 1
 
-    def unassigned(self, worker: WorkerView) -> None:
+    def unassigned(self, worker: WorkerView, scope: KeyScope | None = None) -> None:
         """Take back an assignment that was never published, on the worker's current view."""
         view = self._dispatchers.get(worker.dispatcher_id)
         current = view.workers.get(worker.session_id) if view else None
         if current is not None:
             current.sent = max(0, current.sent - 1)
-
-
-@dataclass(order=True, slots=True)
-class _Entry:
-    priority: int  # negated: the heap pops the highest first
-    band: int  # 0 for items put back at the front, 1 for new arrivals
-    seq: int
-    item: Any = field(compare=False)
-
-
-class Waiting:
-    """Tasks waiting for a worker, per (tenant, action), highest priority first, then oldest first."""
-
-    def __init__(self) -> None:
-        self._queues: dict[tuple[str, str], list[_Entry]] = {}
-        self._seq = itertools.count()
-        self._size = 0
-        self._taken: dict[int, int] = {}  # id of a popped item -> its arrival order, until placed
-
-    def __len__(self) -> int:
-        return self._size
-
-    def push(self, tenant: str, action: str, priority: int, item: Any) -> None:
-        heapq.heappush(self._queues.setdefault((tenant, action), []), _Entry(-priority, 1, next(self._seq), item))
-        self._size += 1
-
-    def lanes(self) -> list[tuple[str, str]]:
-        return [k for k, q in self._queues.items() if q]
-
-    def peek(self, key: tuple[str, str]) -> Any | None:
-        queue = self._queues.get(key)
-        return queue[0].item if queue else None
-
-    def pop(self, key: tuple[str, str]) -> Any:
-        queue = self._queues[key]
-        entry = heapq.heappop(queue)
-        if not queue:
-            del self._queues[key]
-        self._size -= 1
-        self._taken[id(entry.item)] = entry.seq
-        return entry.item
-
-    def placed(self, item: Any) -> None:
-        """Forget a popped item for good: it found a worker."""
-        self._taken.pop(id(item), None)
-
-    def requeue_front(self, key: tuple[str, str], item: Any, priority: int) -> None:
-        """Put a popped item back ahead of new arrivals of its priority, in its original arrival order."""
-        seq = self._taken.pop(id(item), None)
-        heapq.heappush(
-            self._queues.setdefault(key, []), _Entry(-priority, 0, next(self._seq) if seq is None else seq, item)
-        )
-        self._size += 1
+            if scope is not None:
+                for index in range(len(current.keyed) - 1, -1, -1):
+                    if current.keyed[index][1] == scope:
+                        del current.keyed[index]
+                        self._key_transit[scope] -= 1
+                        break

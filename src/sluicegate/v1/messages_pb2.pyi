@@ -530,6 +530,169 @@ class TaskResultBatch(_message.Message):
 Global___TaskResultBatch: _TypeAlias = TaskResultBatch  # noqa: Y015
 
 @_typing.final
+class Parked(_message.Message):
+    """A task waiting outside the scheduler's window: in a lane until a worker can take it, or in a
+    delay queue until its time comes. It carries what its earlier attempts left behind.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    DISPATCH_FAILURES_FIELD_NUMBER: _builtins.int
+    RUN_FAILURES_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    AVOID_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_MS_FIELD_NUMBER: _builtins.int
+    PARKED_AT_MS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """the attempt it will be assigned as"""
+    dispatch_failures: _builtins.int
+    run_failures: _builtins.int
+    not_before_ms: _builtins.int
+    """delays: not assigned before this (unix ms)"""
+    parked_at_ms: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Requeue]: ...
+    @_builtins.property
+    def avoid(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """worker ids that failed it; used only when no other can take it"""
+
+    @_builtins.property
+    def trace(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """where its trace continues from"""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+        attempt: _builtins.int = ...,
+        dispatch_failures: _builtins.int = ...,
+        run_failures: _builtins.int = ...,
+        history: _abc.Iterable[Global___Requeue] | None = ...,
+        avoid: _abc.Iterable[_builtins.str] | None = ...,
+        trace: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        not_before_ms: _builtins.int = ...,
+        parked_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "avoid", b"avoid", "dispatch_failures", b"dispatch_failures", "history", b"history", "not_before_ms", b"not_before_ms", "parked_at_ms", b"parked_at_ms", "run_failures", b"run_failures", "task", b"task", "trace", b"trace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Parked: _TypeAlias = Parked  # noqa: Y015
+
+@_typing.final
+class ParkedBatch(_message.Message):
+    """Body of messages on lane and delay queues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Parked]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___Parked] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedBatch: _TypeAlias = ParkedBatch  # noqa: Y015
+
+@_typing.final
+class LaneRecord(_message.Message):
+    """A queue the scheduler created and must find again after a restart: a lane, or a tenant's intake."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FAIRNESS_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    OVERFLOW_FIELD_NUMBER: _builtins.int
+    INTAKE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    tenant: _builtins.str
+    action: _builtins.str
+    """empty for an intake"""
+    priority: _builtins.int
+    fairness_key: _builtins.str
+    concurrency_key: _builtins.str
+    overflow: _builtins.bool
+    """the shared lane of its (tenant, action, priority) once lanes run out"""
+    intake: _builtins.bool
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        action: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        fairness_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        overflow: _builtins.bool = ...,
+        intake: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "concurrency_key", b"concurrency_key", "fairness_key", b"fairness_key", "intake", b"intake", "overflow", b"overflow", "priority", b"priority", "queue", b"queue", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRecord: _TypeAlias = LaneRecord  # noqa: Y015
+
+@_typing.final
+class LaneRecordBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___LaneRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRecordBatch: _TypeAlias = LaneRecordBatch  # noqa: Y015
+
+@_typing.final
 class DeadLetter(_message.Message):
     """A task that exhausted its dispatch attempts, for operators."""
 

@@ -1,0 +1,129 @@
+"""Tasks that end without running: dead (out of attempts), rejected (malformed), expired (not started in time)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+from sluicegate import telemetry
+from sluicegate.reasons import Reason
+from sluicegate.v1 import messages_pb2
+from sluicegate_scheduler.items import Pending
+from sluicegate_scheduler.ledger import Ledger
+from sluicegate_scheduler.outbox import Entry, Kind, Outbox
+from sluicegate_scheduler.stats import SchedulerStats
+
+log = logging.getLogger(__name__)
+
+DEAD, REJECTED, EXPIRED = (
+    messages_pb2.TASK_STATUS_DEAD,
+    messages_pb2.TASK_STATUS_REJECTED,
+    messages_pb2.TASK_STATUS_EXPIRED,
+)
+SPAN_NAMES = {DEAD: "dead", REJECTED: "reject", EXPIRED: "expire"}
+
+
+class Burial:
+    """Decides the entries that end a task here: a dead letter for operators, a result for its client.
+
+    An item counts as done when its dead letter is confirmed (dead, rejected) or, for an expired
+    task, its result; a result to a client that is gone counts as done too.
+    """
+
+    def __init__(self, outbox: Outbox, ledger: Ledger, stats: SchedulerStats, wall: Callable[[], int]) -> None:
+        self.outbox, self.ledger, self.stats, self.wall = outbox, ledger, stats, wall
+        self.done: Callable[[Any], None] = lambda _source: None  # set by the core
+
+    def bury(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> None:
+        task = self._trace(item, status)
+        reason = item.history[-1].reason if item.history else "unknown"
+        dead = messages_pb2.DeadLetter(task=task, reasons=item.history, at_ms=self.wall())
+        # The client hears of it once operators can find it in the dead queue.
+        result = self._result(task, status, item.history, item.attempt)
+        self.outbox.add(Entry(Kind.DEAD, reason, dead, item, dead.ByteSize(), extra=(status, result)))
+        if status == DEAD:
+            log.warning(
+                "task %s is dead after %d attempts (%s)",
+                task.task_id,
+                item.attempt - 1,
+                reason,
+                extra={"task_id": task.task_id},
+            )
+
+    def expire(self, item: Pending) -> None:
+        """A task held here, or just taken, passed its schedule timeout: it ends, and never runs."""
+        task = self._trace(item, EXPIRED)
+        item.history.append(self._expiry(task, item.attempt))
+        self.stats.expired += 1
+        result = self._result(task, EXPIRED, item.history, item.attempt)
+        if result is None:
+            self.ledger.buried(item.key)
+            self.done(item.source)
+        else:
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, item, result.ByteSize()))
+
+    def expire_parked(self, task: messages_pb2.Task, attempt: int) -> None:
+        """A task parked in a lane passed its deadline: end it now; its lane's copy is dropped later."""
+        self.ledger.buried((task.task_id, attempt))
+        self.stats.expired += 1
+        result = self._result(task, EXPIRED, [self._expiry(task, attempt)], attempt)
+        if result is not None:
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, None, result.ByteSize()))
+
+    def _expiry(self, task: messages_pb2.Task, attempt: int) -> messages_pb2.Requeue:
+        return messages_pb2.Requeue(
+            reason=Reason.EXPIRED.value,
+            detail=f"not started within {task.schedule_timeout_ms} ms of submission",
+            attempt=attempt,
+            at_ms=self.wall(),
+        )
+
+    def _trace(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> messages_pb2.Task:
+        task = item.task
+        span = telemetry.start(
+            SPAN_NAMES[status],
+            item.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(task.task_id, item.attempt - 1),
+        )
+        telemetry.fail(span, item.history[-1].reason if item.history else SPAN_NAMES[status])
+        span.end()
+        return task
+
+    def _result(
+        self,
+        task: messages_pb2.Task,
+        status: messages_pb2.TaskStatus.ValueType,
+        history: Sequence[messages_pb2.Requeue],
+        attempt: int,
+    ) -> messages_pb2.TaskResult | None:
+        """The result to tell the submitting client; None if there is nobody to tell."""
+        if not task.reply_to:
+            return None
+        reasons = "; ".join(f"{r.reason}: {r.detail}" if r.detail else r.reason for r in history[-5:])
+        result = messages_pb2.TaskResult(
+            task_id=task.task_id,
+            status=status,
+            error=reasons,
+            attempt=max(0, attempt - 1),
+            submitted_at_ms=task.submitted_at_ms,
+            finished_at_ms=self.wall(),
+            history=history,
+            trace=task.trace,
+        )
+        return result
+
+    def confirmed(self, batch: Sequence[Entry], done: Callable[[Any], None]) -> None:
+        for entry in batch:
+            if entry.item is None:
+                continue
+            self.ledger.buried(entry.item.key)
+            if entry.kind == Kind.DEAD:
+                status, result = entry.extra
+                self.stats.dead += status == DEAD
+                if result is not None:
+                    self.outbox.add(Entry(Kind.RESULT, entry.item.task.reply_to, result, None))
+            done(entry.item.source)
