@@ -38,7 +38,7 @@ class TaskSpec:
     priority: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 0.0
-    max_retries: int = 0
+    max_retries: int | None = None  # None: the worker's default for the action, else 0
     tenant: str = "default"
     task_id: str = ""
 
@@ -116,7 +116,7 @@ class Client:
     def _build(self, spec: TaskSpec) -> tuple[messages_pb2.Task, Span]:
         if not 0 <= spec.timeout_s <= 7 * 24 * 3600:
             raise InvalidInput("timeout must be between 0 and 7 days")
-        if spec.max_retries < 0 or spec.priority < 0:
+        if (spec.max_retries is not None and spec.max_retries < 0) or spec.priority < 0:
             raise InvalidInput("priority and max_retries must not be negative")
         task = messages_pb2.Task(
             task_id=spec.task_id or uuid.uuid4().hex,
@@ -126,7 +126,7 @@ class Client:
             priority=spec.priority,
             labels=spec.labels,
             timeout_ms=int(spec.timeout_s * 1000),
-            max_retries=spec.max_retries,
+            max_retries=spec.max_retries,  # None leaves it unset: the action's default applies
             reply_to=self.client_id,
             submitted_at_ms=now_ms(),
         )
