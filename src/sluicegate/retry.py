@@ -9,6 +9,11 @@ applies; where neither says anything, a task is not retried and waits with the d
 The wait before the n-th retry (n = failures so far, counting the one just reported) is drawn
 from [0, min(max, initial * multiplier ** (n - 1))] with full jitter, or is exactly that bound
 without jitter. Durations here are seconds; on the wire they are whole milliseconds.
+
+The dispatcher stamps the effective policy into the task of every retry it sends back, so that
+whoever schedules the rerun needs no worker's defaults: it waits
+`backoff_delay(effective_policy(task, None), run_failures, rng)`, where `run_failures` counts the
+failure just reported.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class Backoff:
     jitter: bool = True
 
     def __post_init__(self) -> None:
+        waits = [w.total_seconds() if isinstance(w, timedelta) else w for w in (self.initial, self.max)]
+        if not all(math.isfinite(w) for w in waits):
+            raise InvalidInput("backoff waits must be finite numbers of seconds")
         check_backoff_values(_ms(self.initial), _ms(self.max), self.multiplier)
 
     def to_proto(self) -> messages_pb2.Backoff:

@@ -157,6 +157,8 @@ def test_a_backoff_in_seconds_or_timedeltas_goes_on_the_wire_in_milliseconds() -
         ({"multiplier": 0.5}, "multiplier"),
         ({"multiplier": 11}, "multiplier"),
         ({"multiplier": float("nan")}, "multiplier"),
+        ({"initial": float("inf")}, "finite"),
+        ({"max": float("nan")}, "finite"),
     ],
 )
 def test_a_backoff_out_of_range_is_refused_in_one_line(fields: dict[str, float], words: str) -> None:
