@@ -123,9 +123,12 @@ def demo_worker(dispatchers: str | None, slots: int | None, worker_id: str = "",
 
 @_traced("worker")
 async def cmd_worker(args: argparse.Namespace) -> int:
+    from sluicegate.validation import parse_labels
     from sluicegate.worker import WorkerSettings
 
-    settings = load(WorkerSettings, dispatchers=args.dispatchers, slots=args.slots, tenant=args.tenant)
+    # Flags replace SLUICEGATE_WORKER_LABELS as a whole, as every flag replaces its variable.
+    labels = parse_labels(args.label) if args.label else None
+    settings = load(WorkerSettings, dispatchers=args.dispatchers, slots=args.slots, tenant=args.tenant, labels=labels)
     worker = demo_worker(None, None, args.worker_id or "", settings)
     stop = _stop_on_signals()
     async with worker, _observed(worker.metrics(), worker.registered.is_set):
@@ -219,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int)
     p.add_argument("--tenant")
     p.add_argument("--worker-id")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label the worker carries (repeatable; replaces SLUICEGATE_WORKER_LABELS)",
+    )
     p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser("submit", help="submit tasks and wait for their results")
@@ -226,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payload", nargs="?", help="JSON payload")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--max-retries", type=int, default=0)
+    p.add_argument("--max-retries", type=int, help="default: the worker's default for the action, else 0")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
     p.add_argument("--no-wait", action="store_true", help="print the task ids and return")
     p.set_defaults(run=cmd_submit)

@@ -240,7 +240,7 @@ class Client:
         return [t.task_id for t in tasks]
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
-        """The task's terminal result (completed, failed, dead or rejected)."""
+        """The task's terminal result (completed, failed, dead, rejected or expired)."""
         if task_id in self._results:
             return self._results[task_id]
         waiter = self._waiters.get(task_id)

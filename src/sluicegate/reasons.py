@@ -1,4 +1,4 @@
-"""Why an assignment goes back to the scheduler: the reason names carried in requeue records."""
+"""Reason names: why an assignment goes back to the scheduler, or why a task ended without completing."""
 
 from __future__ import annotations
 
@@ -21,9 +21,16 @@ class Reason(StrEnum):
     UNROUTABLE = "unroutable"  # the dispatcher's inbox did not exist
     INVALID = "invalid"  # the task itself is malformed; it can never run
     CANCELLED = "cancelled"
-    EXPIRED = "expired"  # not started within its schedule timeout
-    RETRIES_EXHAUSTED = "retries_exhausted"  # the handler failed after its last retry
+    RETRIES_EXHAUSTED = "retries_exhausted"  # the handler failed with no retry left: ended failed, kept in dead
+    EXPIRED = "expired"  # not started within its schedule-to-start timeout: ended expired, never runs
 
     @property
     def counts_as_dispatch_failure(self) -> bool:
-        return self not in (Reason.HANDLER_FAILED, Reason.DRAINING, Reason.WORKER_REREGISTERED, Reason.CANCELLED)
+        return self not in (
+            Reason.HANDLER_FAILED,
+            Reason.DRAINING,
+            Reason.WORKER_REREGISTERED,
+            Reason.RETRIES_EXHAUSTED,
+            Reason.EXPIRED,
+            Reason.CANCELLED,
+        )

@@ -22,6 +22,8 @@ MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 256
 MAX_SLOTS = 10_000
+MAX_BACKOFF_MS = 24 * 3600 * 1000
+MAX_MULTIPLIER = 10.0
 
 
 def check_action(action: str) -> None:
@@ -77,3 +79,51 @@ def check_task(task: messages_pb2.Task, max_payload: int = DEFAULT_MAX_PAYLOAD) 
             raise InvalidInput("a preferred label needs a valid key and a value of at most 256 characters")
         if not 1 <= preference.weight <= 100:
             raise InvalidInput("a preferred label's weight must be between 1 and 100")
+    if task.HasField("backoff"):
+        check_backoff(task.backoff)
+
+
+def check_backoff_values(initial_ms: int, max_ms: int, multiplier: float) -> None:
+    """Raise InvalidInput unless the waits are within 0..24 h and the multiplier within 1..10 (0 means 2)."""
+    if not 0 <= initial_ms <= MAX_BACKOFF_MS:
+        raise InvalidInput("backoff initial wait must be between 0 and 24 hours")
+    if not 0 <= max_ms <= MAX_BACKOFF_MS:
+        raise InvalidInput("backoff max wait must be between 0 and 24 hours")
+    if max_ms < initial_ms:
+        raise InvalidInput("backoff max wait must not be shorter than its initial wait")
+    # Written so that NaN fails too.
+    if multiplier != 0 and not 1 <= multiplier <= MAX_MULTIPLIER:
+        raise InvalidInput(f"backoff multiplier must be between 1 and {MAX_MULTIPLIER:g} (0 means 2)")
+
+
+def check_backoff(backoff: messages_pb2.Backoff) -> None:
+    check_backoff_values(backoff.initial_ms, backoff.max_ms, backoff.multiplier)
+
+
+def check_action_options(action: str, options: messages_pb2.ActionOptions) -> None:
+    """A worker's defaults for one action: the same limits as a task's own settings."""
+    if options.max_retries > MAX_RETRIES:
+        raise InvalidInput(f"max_retries of action {action[:128]!r} must be at most {MAX_RETRIES}")
+    if options.HasField("backoff"):
+        try:
+            check_backoff(options.backoff)
+        except InvalidInput as err:
+            raise InvalidInput(f"action {action[:128]!r}: {err}") from err
+
+
+def parse_labels(items: str | list[str]) -> dict[str, str]:
+    """Labels written `k=v,k2=v2` (an environment variable) or as a list of `k=v` (repeated flags), checked."""
+    parts = items.split(",") if isinstance(items, str) else items
+    labels: dict[str, str] = {}
+    for part in parts:
+        if not part.strip() and isinstance(items, str):
+            continue  # `a=1,` or an empty variable
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InvalidInput(f"labels are written key=value; {part.strip()[:40]!r} is not")
+        if key in labels:
+            raise InvalidInput(f"label {key[:40]!r} is given twice")
+        labels[key] = value.strip()
+    check_labels(labels)
+    return labels

@@ -9,7 +9,6 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -17,40 +16,23 @@ import grpc
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from pydantic import Field
-from pydantic_settings import BaseSettings
 
-from sluicegate import telemetry
-from sluicegate.durations import PositiveDuration
+from sluicegate import retry, telemetry
 from sluicegate.errors import InvalidInput, PermanentError
 from sluicegate.metrics import Snapshot, counter, gauge, labelled_counter
 from sluicegate.reporting import Backoff, Reporter, SessionLost
-from sluicegate.settings import settings_config
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
-from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_action
+from sluicegate.validation import check_action, check_labels
 from sluicegate.wire import grpc_options, now_ms
+from sluicegate.worker_settings import WorkerSettings
+
+__all__ = ["TaskContext", "Worker", "WorkerSettings"]
 
 log = logging.getLogger(__name__)
 
 Event = worker_pb2.TaskEvent
 Verdict = worker_pb2.EventVerdict
 Key = tuple[str, int]
-
-
-class WorkerSettings(BaseSettings):
-    """How a worker connects and behaves; SLUICEGATE_WORKER_* variables."""
-
-    model_config = settings_config("SLUICEGATE_WORKER_")
-
-    dispatchers: str = Field(default="127.0.0.1:50051", min_length=3, description="Comma-separated host:port list.")
-    slots: int = Field(default=10, ge=1, le=10_000, description="Tasks run at once.")
-    tenant: str = "default"
-    heartbeat_interval: PositiveDuration = timedelta(seconds=2)
-    keepalive_time: PositiveDuration = timedelta(seconds=1)
-    keepalive_timeout: PositiveDuration = timedelta(seconds=1)
-    reconnect_max_backoff: PositiveDuration = timedelta(seconds=5)
-    shutdown_grace: PositiveDuration = timedelta(seconds=10)
-    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
 
 
 @dataclass(slots=True)
@@ -118,9 +100,11 @@ class Worker:
         if not self.addresses:
             raise InvalidInput("a worker needs at least one dispatcher address")
         self.worker_id = worker_id
-        self.labels = dict(labels or {})
+        self.labels = {**self.settings.labels, **(labels or {})}  # the constructor's win over the settings'
+        check_labels(self.labels)
         self.stats = WorkerStats()
         self._handlers: dict[str, Handler] = {}
+        self._options: dict[str, messages_pb2.ActionOptions] = {}
         self._seen: OrderedDict[Key, None] = OrderedDict()
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._reading = asyncio.Event()
@@ -153,18 +137,41 @@ class Worker:
         registry.register(Snapshot(snapshot))
         return registry
 
-    def action(self, name: str) -> Callable[[Handler], Handler]:
-        """Decorator registering an async handler for `name`."""
+    def action(
+        self,
+        name: str,
+        *,
+        max_retries: int | None = None,
+        backoff: retry.Backoff | messages_pb2.Backoff | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Decorator registering an async handler for `name`, with its defaults (see `register`)."""
 
         def register(handler: Handler) -> Handler:
-            self.register(name, handler)
+            self.register(name, handler, max_retries=max_retries, backoff=backoff)
             return handler
 
         return register
 
-    def register(self, name: str, handler: Handler) -> None:
+    def register(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        max_retries: int | None = None,
+        backoff: retry.Backoff | messages_pb2.Backoff | None = None,
+    ) -> None:
+        """Serve `name` with `handler`.
+
+        `max_retries` and `backoff` are this action's defaults, used for tasks that do not set
+        their own: reruns after a retryable failure, and the wait before each (sluicegate.retry).
+        """
         check_action(name)
+        options = retry.action_options(name, max_retries, backoff)
         self._handlers[name] = handler
+        if options.ListFields():
+            self._options[name] = options
+        else:
+            self._options.pop(name, None)
 
     # Fault injection for tests and the demo: a worker that is alive but stops reading its stream.
     def stop_reading(self) -> None:
@@ -226,6 +233,7 @@ class Worker:
                     actions=sorted(self._handlers),
                     slots=s.slots,
                     labels=self.labels,
+                    action_options=self._options,
                 ),
                 timeout=10,
             )

@@ -101,6 +101,24 @@ async def test_grpc_edge_answers_bad_requests_with_status_codes(stack: Stack) ->
             (worker_pb2.RegisterRequest(actions=["no good"], slots=1), grpc.StatusCode.INVALID_ARGUMENT, "action"),
             (worker_pb2.RegisterRequest(actions=["echo"], slots=1, worker_id="../x"), grpc.StatusCode.INVALID_ARGUMENT, "worker_id"),
             (worker_pb2.RegisterRequest(actions=["echo"], slots=1, tenant="a b"), grpc.StatusCode.INVALID_ARGUMENT, "tenant"),
+            (
+                worker_pb2.RegisterRequest(actions=["echo"], slots=1, action_options={"other": messages_pb2.ActionOptions(max_retries=1)}),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "does not serve",
+            ),
+            (
+                worker_pb2.RegisterRequest(actions=["echo"], slots=1, action_options={"echo": messages_pb2.ActionOptions(max_retries=1000)}),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "max_retries of action 'echo'",
+            ),
+            (
+                worker_pb2.RegisterRequest(
+                    actions=["echo"], slots=1,
+                    action_options={"echo": messages_pb2.ActionOptions(backoff=messages_pb2.Backoff(max_ms=10, multiplier=0.5))},
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "backoff multiplier",
+            ),
         ]  # fmt: skip
         for request, code, words in cases:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -159,6 +177,9 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["dispatcher"], {"SLUICEGATE_DISPATCHER_PREFETCH": "0"}, "SLUICEGATE_DISPATCHER_PREFETCH"),
         (["scheduler", "--max-dispatch-attempts", "0"], {}, "SLUICEGATE_SCHEDULER_MAX_DISPATCH_ATTEMPTS"),
         (["worker", "--slots", "0"], {}, "SLUICEGATE_WORKER_SLOTS"),
+        (["worker"], {"SLUICEGATE_WORKER_LABELS": "gpu"}, "SLUICEGATE_WORKER_LABELS"),
+        (["worker", "--label", "gpu"], {}, "key=value"),
+        (["worker", "--label", "bad key=1"], {}, "label key"),
         (["--prefix", "Bad Prefix", "scheduler"], {}, "SLUICEGATE_PREFIX"),
         (["submit", "echo", "{not json"], {}, "payload is not valid JSON"),
         (["submit", "echo", "{}", "--count", "0"], {}, "--count"),

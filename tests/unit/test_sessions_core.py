@@ -530,3 +530,74 @@ def test_a_window_wider_than_the_slots_is_the_slots() -> None:
     for name in "abc":
         take(sessions, session, name)
     assert session.free_slots == 0
+
+
+# Leases per concurrency key, for the scheduler's limits.
+
+
+def test_leases_are_counted_per_tenant_action_and_concurrency_key() -> None:
+    sessions = Sessions()
+    w1, w2 = streaming(sessions, "w1", slots=5), streaming(sessions, "w2", slots=5)
+    k = sessions.take
+    k(w1, ("a", 1), "p", "t", 0.0, 5.0, concurrency=("acme", "resize", "customer-1"))
+    k(w1, ("b", 1), "p", "t", 0.0, 5.0, concurrency=("acme", "resize", "customer-1"))
+    k(w2, ("c", 1), "p", "t", 0.0, 5.0, concurrency=("acme", "resize", "customer-1"))
+    k(w2, ("d", 1), "p", "t", 0.0, 5.0, concurrency=("acme", "resize", "customer-2"))
+    k(w2, ("e", 1), "p", "t", 0.0, 5.0, concurrency=("globex", "resize", "customer-1"))
+    k(w1, ("f", 1), "p", "t", 0.0, 5.0)  # no key: not counted
+    assert sessions.key_leases() == {
+        ("acme", "resize", "customer-1"): 3,
+        ("acme", "resize", "customer-2"): 1,
+        ("globex", "resize", "customer-1"): 1,
+    }
+
+
+def test_a_key_leaves_the_count_once_its_last_lease_is_settled() -> None:
+    sessions = Sessions()
+    session = streaming(sessions, slots=4)
+    key = ("acme", "resize", "customer-1")
+    sessions.take(session, ("a", 1), "p", "t", 0.0, 5.0, concurrency=key)
+    sessions.take(session, ("b", 1), "p", "t", 0.0, 5.0, concurrency=key)
+    sessions.settle(("a", 1))
+    sessions.settle(("a", 1))  # settling twice counts once
+    assert sessions.key_leases() == {key: 1}
+    sessions.settle(("b", 1))
+    assert sessions.key_leases() == {}, "a key with no lease left is left out"
+
+
+def test_closing_a_session_gives_back_its_keys_leases() -> None:
+    sessions = Sessions()
+    w1, w2 = streaming(sessions, "w1", slots=4), streaming(sessions, "w2", slots=4)
+    key = ("acme", "resize", "k")
+    sessions.take(w1, ("a", 1), "p", "t", 0.0, 5.0, concurrency=key)
+    sessions.take(w2, ("b", 1), "p", "t", 0.0, 5.0, concurrency=key)
+    version = sessions.version
+    sessions.close(w1)
+    assert sessions.key_leases() == {key: 1}
+    assert sessions.version > version, "the scheduler hears about the change"
+
+
+def test_the_count_is_a_copy() -> None:
+    sessions = Sessions()
+    session = streaming(sessions)
+    sessions.take(session, ("a", 1), "p", "t", 0.0, 5.0, concurrency=("acme", "resize", "k"))
+    counts = sessions.key_leases()
+    counts.clear()
+    assert sessions.key_leases() == {("acme", "resize", "k"): 1}
+
+
+def test_a_session_keeps_its_per_action_defaults() -> None:
+    sessions = Sessions()
+    defaults = {"resize": object()}
+    session, _ = sessions.register(
+        worker_id="w1",
+        tenant="acme",
+        actions=frozenset({"resize"}),
+        labels={},
+        slots=1,
+        now=0.0,
+        action_options=defaults,
+    )
+    defaults.clear()
+    assert list(session.action_options) == ["resize"]
+    assert register(sessions, "w2").action_options == {}

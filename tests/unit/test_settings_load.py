@@ -309,3 +309,43 @@ def test_broker_connect_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     message = str(invalid(BrokerSettings))
     assert "SLUICEGATE_CONNECT_DEADLINE" in message
     assert "eventually" not in message
+
+
+# Worker labels, from the environment or passed in.
+
+
+def test_worker_labels_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluicegate.worker import Worker, WorkerSettings
+
+    assert load(WorkerSettings).labels == {}
+    monkeypatch.setenv("SLUICEGATE_WORKER_LABELS", "gpu=a100, zone=eu-1")
+    settings = load(WorkerSettings)
+    assert settings.labels == {"gpu": "a100", "zone": "eu-1"}
+    # Labels given to the constructor are added, and win over the environment's.
+    worker = Worker("127.0.0.1:1", labels={"zone": "us-2", "disk": "ssd"}, settings=settings)
+    assert worker.labels == {"gpu": "a100", "zone": "us-2", "disk": "ssd"}
+
+
+def test_worker_labels_override_replaces_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluicegate.worker import WorkerSettings
+
+    monkeypatch.setenv("SLUICEGATE_WORKER_LABELS", "gpu=a100")
+    assert load(WorkerSettings, labels={"zone": "eu"}).labels == {"zone": "eu"}
+
+
+@pytest.mark.parametrize(("bad", "words"), [("gpu", "key=value"), ("a=1,a=2", "twice"), ("bad key=1", "label key")])
+def test_bad_worker_labels_name_the_variable_in_one_line(monkeypatch: pytest.MonkeyPatch, bad: str, words: str) -> None:
+    from sluicegate.worker import WorkerSettings
+
+    monkeypatch.setenv("SLUICEGATE_WORKER_LABELS", bad)
+    message = str(invalid(WorkerSettings))
+    assert_one_line(message)
+    assert "SLUICEGATE_WORKER_LABELS" in message
+    assert words in message
+
+
+def test_bad_labels_given_to_a_worker_are_refused() -> None:
+    from sluicegate.worker import Worker
+
+    with pytest.raises(InvalidInput, match="label key"):
+        Worker("127.0.0.1:1", labels={"bad key": "v"})

@@ -16,9 +16,11 @@ from sluicegate.validation import (
     MAX_RETRIES,
     MAX_TIMEOUT_MS,
     check_action,
+    check_action_options,
     check_labels,
     check_task,
     check_tenant,
+    parse_labels,
 )
 
 pytestmark = pytest.mark.timeout(5)
@@ -195,3 +197,87 @@ def test_single_checks(check: Callable[[object], None], value: object, field: st
 def test_check_labels_accepts_a_plain_dict() -> None:
     check_labels({"region": "eu", "team/owner": "media"})
     check_labels({})
+
+
+# Backoff, per-action defaults, labels written as text.
+
+
+@pytest.mark.parametrize(
+    ("backoff", "words"),
+    [
+        (messages_pb2.Backoff(initial_ms=24 * 3600 * 1000 + 1, max_ms=24 * 3600 * 1000 + 1), "initial"),
+        (messages_pb2.Backoff(initial_ms=0, max_ms=24 * 3600 * 1000 + 1), "max"),
+        (messages_pb2.Backoff(initial_ms=2000, max_ms=1000), "max wait must not be shorter"),
+        (messages_pb2.Backoff(max_ms=1000, multiplier=0.99), "multiplier"),
+        (messages_pb2.Backoff(max_ms=1000, multiplier=10.01), "multiplier"),
+        (messages_pb2.Backoff(max_ms=1000, multiplier=-2), "multiplier"),
+        (messages_pb2.Backoff(max_ms=1000, multiplier=float("inf")), "multiplier"),
+        (messages_pb2.Backoff(max_ms=1000, multiplier=float("nan")), "multiplier"),
+    ],
+)
+def test_backoff_out_of_range(backoff: messages_pb2.Backoff, words: str) -> None:
+    task = valid_task()
+    task.backoff.CopyFrom(backoff)
+    assert words in rejected(task)
+
+
+@pytest.mark.parametrize(
+    "backoff",
+    [
+        messages_pb2.Backoff(),  # set and empty: retry at once
+        messages_pb2.Backoff(initial_ms=500, max_ms=30_000),  # multiplier 0 means 2
+        messages_pb2.Backoff(initial_ms=24 * 3600 * 1000, max_ms=24 * 3600 * 1000, multiplier=10, no_jitter=True),
+        messages_pb2.Backoff(initial_ms=1, max_ms=1, multiplier=1),
+    ],
+)
+def test_backoff_in_range_passes(backoff: messages_pb2.Backoff) -> None:
+    task = valid_task()
+    task.backoff.CopyFrom(backoff)
+    check_task(task)
+
+
+def test_action_options_are_checked_like_a_tasks_own() -> None:
+    check_action_options("resize", messages_pb2.ActionOptions())
+    check_action_options("resize", messages_pb2.ActionOptions(max_retries=MAX_RETRIES))
+    with pytest.raises(InvalidInput, match="max_retries of action 'resize'"):
+        check_action_options("resize", messages_pb2.ActionOptions(max_retries=MAX_RETRIES + 1))
+    bad = messages_pb2.ActionOptions(backoff=messages_pb2.Backoff(max_ms=10, multiplier=20))
+    with pytest.raises(InvalidInput, match="action 'resize': backoff multiplier") as info:
+        check_action_options("resize", bad)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "labels"),
+    [
+        ("", {}),
+        ("gpu=a100", {"gpu": "a100"}),
+        ("gpu=a100,zone=eu-1", {"gpu": "a100", "zone": "eu-1"}),
+        (" gpu = a100 , zone=eu ,", {"gpu": "a100", "zone": "eu"}),
+        ("empty=", {"empty": ""}),
+        ("url=a=b", {"url": "a=b"}),
+    ],
+)
+def test_labels_written_as_text(text: str, labels: dict[str, str]) -> None:
+    assert parse_labels(text) == labels
+
+
+def test_labels_given_as_repeated_flags_may_hold_commas() -> None:
+    assert parse_labels(["zones=eu,us", "gpu=1"]) == {"zones": "eu,us", "gpu": "1"}
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ("gpu", "key=value"),
+        ("=a100", "key=value"),
+        ("gpu=1,gpu=2", "twice"),
+        ("bad key=1", "label key"),
+        ([""], "key=value"),
+        (",".join(f"k{i}=v" for i in range(MAX_LABELS + 1)), "labels"),
+    ],
+)
+def test_bad_labels_are_refused_in_one_line(given: str | list[str], words: str) -> None:
+    with pytest.raises(InvalidInput, match=words) as info:
+        parse_labels(given)
+    assert "\n" not in str(info.value)

@@ -20,15 +20,17 @@ from sluicegate.errors import (
     PublishError,
     Unroutable,
 )
+from sluicegate.expiry import is_expired
 from sluicegate.reasons import Reason
+from sluicegate.retry import effective_policy
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.wire import grpc_options, now_ms
 from sluicegate_dispatcher.forwarding import Forwarder
 from sluicegate_dispatcher.metrics import DispatcherMetrics
-from sluicegate_dispatcher.sessions import Lease, Sessions, WorkerSession
+from sluicegate_dispatcher.sessions import Sessions, WorkerSession
 from sluicegate_dispatcher.settings import DispatcherSettings
-from sluicegate_dispatcher.settlement import Settler
+from sluicegate_dispatcher.settlement import ReportOutcome, Settler
 from sluicegate_dispatcher.stats import DispatcherStats
 from sluicegate_dispatcher.stream import WorkerStream
 
@@ -205,29 +207,19 @@ class Dispatcher:
     async def report(self, session: WorkerSession, events: Sequence[worker_pb2.TaskEvent]) -> list[int]:
         """Apply a batch of events from `session`; returns one verdict per event, in order.
 
-        Receipts are recorded at once. Terminal results are published in batches and a lease is
+        Receipts are recorded at once; one that comes after the task's start deadline is answered
+        STALE and the task expires. Terminal results are published in batches and a lease is
         settled only after its result was confirmed; a retryable failure with retries left is
         requeued instead. Raises PublishError if a result was not confirmed (report again).
         """
         verdicts: list[int] = []
-        finals: list[tuple[Lease, worker_pb2.TaskEvent]] = []
-        retries: list[tuple[Lease, worker_pb2.TaskEvent]] = []
+        outcome = ReportOutcome()
         for event in events:
-            verdicts.append(self._apply(session, event, finals, retries))
-        for lease, event in retries:
-            self.sessions.settle(lease.key)
-            await self.settler.requeue(lease.payload, lease.token, Reason.HANDLER_FAILED, event.error[:1000])
-        if finals:
-            await self.settler.finish(finals)
+            verdicts.append(self._apply(session, event, outcome))
+        await self.settler.settle_report(outcome)
         return verdicts
 
-    def _apply(
-        self,
-        session: WorkerSession,
-        event: worker_pb2.TaskEvent,
-        finals: list[tuple[Lease, worker_pb2.TaskEvent]],
-        retries: list[tuple[Lease, worker_pb2.TaskEvent]],
-    ) -> int:
+    def _apply(self, session: WorkerSession, event: worker_pb2.TaskEvent, outcome: ReportOutcome) -> int:
         if not event.task_id or event.attempt < 1:
             return worker_pb2.EventVerdict.VERDICT_INVALID
         lease = self.sessions.holder((event.task_id, event.attempt), session)
@@ -235,6 +227,10 @@ class Dispatcher:
             self.stats.stale_reports += 1
             return worker_pb2.EventVerdict.VERDICT_STALE
         if event.kind in (Event.KIND_RECEIVED, Event.KIND_STARTED):
+            if not lease.received and is_expired(lease.payload.task, now_ms()):
+                lease.finishing = True  # too late to start: the worker drops it, the client hears EXPIRED
+                outcome.expired.append(lease)
+                return worker_pb2.EventVerdict.VERDICT_STALE
             if self.sessions.acknowledge(lease):
                 self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
@@ -243,10 +239,7 @@ class Dispatcher:
         self.sessions.acknowledge(lease)
         lease.finishing = True
         task = lease.payload.task
-        if event.kind == Event.KIND_FAILED and event.retryable and lease.payload.run_failures < task.max_retries:
-            retries.append((lease, event))
-        else:
-            finals.append((lease, event))
+        outcome.finished(lease, event, effective_policy(task, session.action_options.get(task.action)))
         return worker_pb2.EventVerdict.VERDICT_ACCEPTED
 
     async def lose_session(self, session: WorkerSession, reason: Reason, detail: str) -> None:
@@ -312,6 +305,9 @@ class Dispatcher:
                     received=session.received,
                 )
             )
+        # Running tasks per concurrency key, which the scheduler caps across dispatchers.
+        for (tenant, action, key), count in sorted(self.sessions.key_leases().items()):
+            state.key_leases.append(messages_pb2.KeyLeases(tenant=tenant, action=action, key=key, count=count))
         # Not mandatory: with no scheduler running nobody needs the snapshot; the next one replaces it.
         await amqp.publish(
             self._exchanges.events,

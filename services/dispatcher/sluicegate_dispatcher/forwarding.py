@@ -14,9 +14,11 @@ from opentelemetry.trace import SpanKind
 
 from sluicegate import telemetry
 from sluicegate.errors import InvalidInput, LockTimeout, NoFreeSlot, NotConnected, StreamBroken
+from sluicegate.expiry import is_expired
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2
 from sluicegate.validation import check_task
+from sluicegate.wire import now_ms
 from sluicegate_dispatcher.sessions import Lease, LeaseKey, WorkerSession
 from sluicegate_dispatcher.settlement import Delivery
 from sluicegate_dispatcher.stream import WorkerStream
@@ -86,6 +88,9 @@ class Forwarder:
                 await self.d.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
                 continue
             self.d.sessions.count_received(assignment.worker_id, assignment.session_id)
+            if is_expired(assignment.task, now_ms()):
+                await self.d.settler.expire(assignment, delivery)  # too late to start: never sent
+                continue
             valid.append(assignment)
         if not valid:
             return
@@ -124,7 +129,11 @@ class Forwarder:
                 ),
             )
             telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
-            lease = self.d.sessions.take(session, key, assignment, delivery, now, self._ack_timeout)
+            task = assignment.task
+            concurrency = (task.tenant, task.action, task.concurrency_key) if task.concurrency_key else None
+            lease = self.d.sessions.take(
+                session, key, assignment, delivery, now, self._ack_timeout, concurrency=concurrency
+            )
             pending.append((assignment, lease, span))
         for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self.d.settings.max_payload_bytes):
             if not await self._write(session, pending[start:end]):

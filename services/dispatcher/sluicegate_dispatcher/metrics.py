@@ -71,9 +71,14 @@ class DispatcherMetrics:
         )
         yield labelled_counter(
             "sluicegate_tasks_completed",
-            "Tasks with a terminal result from a worker.",
+            "Tasks this dispatcher gave a terminal result, by status.",
             "status",
-            {"completed": stats.completed, "failed": stats.failed},
+            {"completed": stats.completed, "failed": stats.failed, "expired": stats.expired},
+        )
+        yield counter(
+            "sluicegate_retries_exhausted",
+            "Tasks that failed with no retry left (also recorded in the dead queue).",
+            stats.retries_exhausted,
         )
         yield counter("sluicegate_tasks_forwarded", "Assignments written to a worker stream.", stats.forwarded)
         yield counter("sluicegate_stale_reports", "Reports rejected for attempts no longer held.", stats.stale_reports)

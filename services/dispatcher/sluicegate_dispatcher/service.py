@@ -12,8 +12,8 @@ import grpc
 
 from sluicegate.errors import InvalidInput, PublishError, SluicegateError, UnknownSession
 from sluicegate.reasons import Reason
-from sluicegate.v1 import worker_pb2, worker_pb2_grpc
-from sluicegate.validation import MAX_SLOTS, check_action, check_labels, check_tenant
+from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
+from sluicegate.validation import MAX_SLOTS, check_action, check_action_options, check_labels, check_tenant
 from sluicegate_dispatcher.stream import WorkerStream
 
 if TYPE_CHECKING:
@@ -58,6 +58,12 @@ def edge(method: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+def _copied(options: messages_pb2.ActionOptions) -> messages_pb2.ActionOptions:
+    copy = messages_pb2.ActionOptions()
+    copy.CopyFrom(options)
+    return copy
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.d = dispatcher
@@ -84,6 +90,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not 1 <= request.slots <= MAX_SLOTS:
             raise InvalidInput(f"slots must be between 1 and {MAX_SLOTS}")
         check_labels(request.labels)
+        for action, options in request.action_options.items():
+            if action not in request.actions:
+                raise InvalidInput(f"action_options names {action[:128]!r}, which the worker does not serve")
+            check_action_options(action, options)
         session, previous = self.d.sessions.register(
             worker_id=request.worker_id,
             tenant=tenant,
@@ -91,6 +101,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             labels=dict(request.labels),
             slots=request.slots,
             now=self.d.clock(),
+            action_options={a: _copied(o) for a, o in request.action_options.items()},
         )
         if previous is not None:
             await self.d.lose_session(previous, Reason.WORKER_REREGISTERED, "worker registered again")

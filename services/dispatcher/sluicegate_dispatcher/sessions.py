@@ -3,12 +3,14 @@
 A lease is one attempt (task id, attempt) that this dispatcher forwarded to one worker session
 and has not yet settled. It counts against the worker's slots from the moment it is taken until a
 terminal report or a requeue settles it; settling happens once, and whoever settles first decides.
+Leases of tasks with a concurrency key are also counted per (tenant, action, key), for the
+scheduler's limits.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from sluicegate.errors import InvalidInput, NoFreeSlot, NotConnected, UnknownSession
 
 LeaseKey = tuple[str, int]
+ConcurrencyKey = tuple[str, str, str]  # (tenant, action, concurrency key)
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +31,7 @@ class Lease:
     receipt_deadline: float
     received: bool = False
     finishing: bool = False  # a terminal report is being published for it
+    concurrency: ConcurrencyKey | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -47,6 +51,7 @@ class WorkerSession:
     stream_lost_at: float | None = None
     received: int = 0  # assignments consumed for this session, reported to the scheduler
     closed: bool = False
+    action_options: dict[str, Any] = field(default_factory=dict)  # the shell's per-action defaults
 
     @property
     def streaming(self) -> bool:
@@ -71,6 +76,7 @@ class Sessions:
         self._by_worker: dict[str, WorkerSession] = {}
         self._by_session: dict[str, WorkerSession] = {}
         self._leases: dict[LeaseKey, Lease] = {}
+        self._by_concurrency: Counter[ConcurrencyKey] = Counter()
         self._settled: OrderedDict[LeaseKey, None] = OrderedDict()
         self._remember_settled = remember_settled
         self.version = 0  # bumps on every change the scheduler should hear about
@@ -97,6 +103,7 @@ class Sessions:
         labels: dict[str, str],
         slots: int,
         now: float,
+        action_options: dict[str, Any] | None = None,
     ) -> tuple[WorkerSession, WorkerSession | None]:
         """Open a new session; returns it and the session it supersedes, if the worker had one."""
         if not actions:
@@ -115,6 +122,7 @@ class Sessions:
             window=min(slots, self._receipt_window) if self._receipt_window else slots,
             last_seen=now,
             stream_lost_at=now,  # no stream yet: it must show up within the reconnect grace
+            action_options=dict(action_options or {}),
         )
         self._by_worker[worker_id] = session
         self._by_session[session.session_id] = session
@@ -201,8 +209,17 @@ class Sessions:
     # Leases.
 
     def take(
-        self, session: WorkerSession, key: LeaseKey, payload: Any, token: Any, now: float, ack_timeout: float
+        self,
+        session: WorkerSession,
+        key: LeaseKey,
+        payload: Any,
+        token: Any,
+        now: float,
+        ack_timeout: float,
+        *,
+        concurrency: ConcurrencyKey | None = None,
     ) -> Lease:
+        """Take the lease of one attempt; `concurrency` is its task's (tenant, action, key), if it has a key."""
         lease = Lease(
             key=key,
             session=session,
@@ -210,10 +227,13 @@ class Sessions:
             token=token,
             taken_at=now,
             receipt_deadline=now + ack_timeout,
+            concurrency=concurrency,
         )
         session.leases[key] = lease
         session.unacknowledged += 1
         self._leases[key] = lease
+        if concurrency is not None:
+            self._by_concurrency[concurrency] += 1
         self.changed()
         return lease
 
@@ -238,11 +258,19 @@ class Sessions:
         lease.session.leases.pop(key, None)
         if not lease.received:
             lease.session.unacknowledged -= 1
+        if lease.concurrency is not None:
+            self._by_concurrency[lease.concurrency] -= 1
+            if self._by_concurrency[lease.concurrency] <= 0:
+                del self._by_concurrency[lease.concurrency]
         self._settled[key] = None
         if len(self._settled) > self._remember_settled:
             self._settled.popitem(last=False)
         self.changed()
         return lease
+
+    def key_leases(self) -> dict[ConcurrencyKey, int]:
+        """Leases held now per (tenant, action, concurrency key); keys with none are left out."""
+        return dict(self._by_concurrency)
 
     def acknowledge(self, lease: Lease) -> bool:
         """Record the worker's receipt of a lease; True the first time."""

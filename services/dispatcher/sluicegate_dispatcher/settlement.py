@@ -5,6 +5,11 @@ terminal result was published and confirmed, or it was republished to `requeue` 
 and confirmed. Until then the message is the lease; if this process dies, the broker dead-letters
 it to `requeue` when its TTL has passed. Nothing here acks before the broker confirmed what
 replaces the message, so a batch never widens what a crash can lose.
+
+What a worker's terminal report means is decided here too (`fate_of`): a result for the client, a
+retry for the scheduler (with the task's effective retry policy stamped in, so that it can wait
+the backoff), or, once no retry is left, a record in `dead` as well as the FAILED result. A task
+not started within its schedule-to-start timeout gets an EXPIRED result instead of running.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
@@ -19,7 +26,9 @@ from opentelemetry.trace import Span, SpanKind
 
 from sluicegate import amqp, telemetry
 from sluicegate.errors import PublishError, Unroutable
+from sluicegate.expiry import expired_error
 from sluicegate.reasons import Reason
+from sluicegate.retry import RetryPolicy, stamp
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2, worker_pb2
 from sluicegate.wire import now_ms
@@ -30,6 +39,40 @@ from sluicegate_dispatcher.stats import DispatcherStats
 log = logging.getLogger(__name__)
 
 Event = worker_pb2.TaskEvent
+
+
+class Fate(Enum):
+    """What becomes of an attempt its worker reported finished."""
+
+    FINISH = "finish"  # its result goes to the client
+    RETRY = "retry"  # back to the scheduler, which runs it again after the backoff
+    EXHAUSTED = "exhausted"  # failed with no retry left: recorded in `dead`, and FAILED to the client
+
+
+def fate_of(event: worker_pb2.TaskEvent, run_failures: int, policy: RetryPolicy) -> Fate:
+    """Only a retryable failure is retried, and only while the policy allows (a PermanentError never is)."""
+    if event.kind != Event.KIND_FAILED or not event.retryable:
+        return Fate.FINISH
+    return Fate.RETRY if run_failures < policy.max_retries else Fate.EXHAUSTED
+
+
+@dataclass(slots=True)
+class ReportOutcome:
+    """What one worker report decided for the leases it names; Settler.settle_report carries it out."""
+
+    finals: list[tuple[Lease, worker_pb2.TaskEvent]] = field(default_factory=list)
+    exhausted: list[tuple[Lease, worker_pb2.TaskEvent]] = field(default_factory=list)  # also in finals
+    retries: list[tuple[Lease, worker_pb2.TaskEvent, RetryPolicy]] = field(default_factory=list)
+    expired: list[Lease] = field(default_factory=list)  # received after the start deadline: never ran
+
+    def finished(self, lease: Lease, event: worker_pb2.TaskEvent, policy: RetryPolicy) -> None:
+        fate = fate_of(event, lease.payload.run_failures, policy)
+        if fate is Fate.RETRY:
+            self.retries.append((lease, event, policy))
+            return
+        self.finals.append((lease, event))
+        if fate is Fate.EXHAUSTED:
+            self.exhausted.append((lease, event))
 
 
 class Delivery:
@@ -141,6 +184,117 @@ class Settler:
         await asyncio.gather(
             *(self.requeue(lease.payload, lease.token, reason, detail) for lease in leases if not lease.finishing)
         )
+
+    # What a report decided.
+
+    async def settle_report(self, outcome: ReportOutcome) -> None:
+        """Carry out a report's decisions; raises PublishError if a result was not confirmed (report again)."""
+        for lease, event, policy in outcome.retries:
+            await self.retry(lease, policy, event.error)
+        await asyncio.gather(*(self.expire_lease(lease) for lease in outcome.expired))
+        if outcome.exhausted:
+            await self.bury_exhausted(outcome.exhausted)
+        if outcome.finals:
+            await self.finish(outcome.finals)
+            self.stats.retries_exhausted += len(outcome.exhausted)
+
+    async def retry(self, lease: Lease, policy: RetryPolicy, error: str) -> None:
+        """A retryable failure with a retry left: back to the scheduler with the policy it waits by."""
+        self.sessions.settle(lease.key)
+        returned = messages_pb2.Assignment()
+        returned.CopyFrom(lease.payload)
+        stamp(returned.task, policy)
+        await self.requeue(returned, lease.token, Reason.HANDLER_FAILED, error[:1000])
+
+    async def bury_exhausted(self, items: Sequence[tuple[Lease, worker_pb2.TaskEvent]]) -> None:
+        """Record failures with no retry left in `dead` (confirmed) so that an operator can replay them.
+
+        Comes before their results; if a result is then not confirmed the worker reports again and
+        the record is published again under the same message id, for whoever deduplicates.
+        """
+        await asyncio.gather(*(self._bury_one(lease.payload, event.error) for lease, event in items))
+
+    async def _bury_one(self, assignment: messages_pb2.Assignment, error: str) -> None:
+        task = assignment.task
+        record = messages_pb2.Requeue(
+            reason=Reason.RETRIES_EXHAUSTED.value,
+            detail=error[:1000],
+            worker_id=assignment.worker_id,
+            attempt=assignment.attempt,
+            at_ms=now_ms(),
+        )
+        dead = messages_pb2.DeadLetter(task=task, reasons=[*assignment.history, record], at_ms=record.at_ms)
+        try:
+            await amqp.publish_until_confirmed(
+                self.exchanges.dead,
+                "",
+                messages_pb2.DeadLetterBatch(dead=[dead]).SerializeToString(),
+                headers={amqp.REASON_HEADER: Reason.RETRIES_EXHAUSTED.value},
+                timeout=self.broker.confirm_timeout_s,
+                message_id=f"{task.task_id}:{assignment.attempt}:{Reason.RETRIES_EXHAUSTED.value}",
+            )
+        except Unroutable:
+            # The task still gets its FAILED result; only the operator's copy is missing.
+            log.error(
+                "the dead queue is missing; task %s is not recorded there", task.task_id, extra=_about(assignment)
+            )
+            return
+        log.warning(
+            "task %s failed with no retry left after attempt %d; recorded in %s",
+            task.task_id,
+            assignment.attempt,
+            self.topology.dead,
+            extra={**_about(assignment), "reason": Reason.RETRIES_EXHAUSTED.value},
+        )
+
+    # Expired: not started within the schedule-to-start timeout.
+
+    async def expire(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> None:
+        """An assignment too late to start and never sent: its EXPIRED result, then count it settled."""
+        await self._publish_expired(assignment)
+        await self.item_done(delivery)
+
+    async def expire_lease(self, lease: Lease) -> None:
+        """A lease whose receipt came after the start deadline (the worker was told to drop it)."""
+        await self._publish_expired(lease.payload)
+        self.sessions.settle(lease.key)
+        await self.item_done(lease.token)
+
+    async def _publish_expired(self, assignment: messages_pb2.Assignment) -> None:
+        task = assignment.task
+        result = messages_pb2.TaskResult(
+            task_id=task.task_id,
+            status=messages_pb2.TASK_STATUS_EXPIRED,
+            error=expired_error(task),
+            attempt=assignment.attempt,
+            submitted_at_ms=task.submitted_at_ms,
+            finished_at_ms=now_ms(),
+            history=assignment.history,
+        )
+        span = telemetry.start(
+            f"expire {task.action}",
+            assignment.trace,
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.task_attributes(
+                task.task_id, assignment.attempt, **{"sluicegate.task.status": "expired"}
+            ),
+        )
+        telemetry.fail(span, result.error)
+        telemetry.carry(span, result.trace)
+        try:
+            await amqp.publish_until_confirmed(
+                self.exchanges.events,
+                self.topology.result_key(task.reply_to),
+                messages_pb2.TaskResultBatch(results=[result]).SerializeToString(),
+                timeout=self.broker.confirm_timeout_s,
+            )
+        except Unroutable:
+            self.stats.results_unclaimed += 1
+            log.warning("expired result of task %s has no listener (client %s gone)", task.task_id, task.reply_to)
+        finally:
+            span.end()
+        self.stats.expired += 1
+        log.info("task %s expired: %s", task.task_id, result.error, extra=_about(assignment))
 
     # Results.
 

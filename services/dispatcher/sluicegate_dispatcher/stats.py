@@ -11,6 +11,8 @@ class DispatcherStats:
     forwarded: int = 0
     completed: int = 0
     failed: int = 0
+    retries_exhausted: int = 0  # failed with no retry left (also counted in failed), recorded in dead
+    expired: int = 0  # not started within the schedule-to-start timeout
     requeued: Counter[str] = field(default_factory=Counter)
     lock_timeouts: int = 0
     streams_ended: int = 0

@@ -151,7 +151,7 @@ class Core:
                 self.burial.bury(item, messages_pb2.TASK_STATUS_DEAD)
                 continue
             if reason == Reason.HANDLER_FAILED:
-                policy = retry.effective_policy(a.task)
+                policy = retry.effective_policy(a.task, None)
                 wait = retry.backoff_delay(policy, item.run_failures, self.rng)
                 item.not_before_ms = self.wall() + round(wait * 1000)
             self._admit(item)
