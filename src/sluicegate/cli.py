@@ -10,15 +10,18 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from sluicegate.durations import parse_duration
 from sluicegate.errors import InvalidInput, PermanentError, SluicegateError
 from sluicegate.logs import configure
 from sluicegate.metrics import MetricsServer, MetricsSettings
 from sluicegate.settings import BrokerSettings, LogSettings, load
 from sluicegate.telemetry import setup_tracing, shutdown_tracing
+from sluicegate.validation import parse_labels
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -123,7 +126,6 @@ def demo_worker(dispatchers: str | None, slots: int | None, worker_id: str = "",
 
 @_traced("worker")
 async def cmd_worker(args: argparse.Namespace) -> int:
-    from sluicegate.validation import parse_labels
     from sluicegate.worker import WorkerSettings
 
     # Flags replace SLUICEGATE_WORKER_LABELS as a whole, as every flag replaces its variable.
@@ -147,7 +149,19 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         raise InvalidInput(f"payload is not valid JSON ({err.msg} at position {err.pos})") from err
     if not 1 <= args.count <= 1_000_000:
         raise InvalidInput("--count must be between 1 and 1000000")
-    spec = dict(action=args.action, payload=payload, priority=args.priority, max_retries=args.max_retries)
+    spec = dict(
+        action=args.action,
+        payload=payload,
+        priority=args.priority,
+        max_retries=args.max_retries,
+        tenant=args.tenant,
+        delay=_duration(args.delay, "--delay"),
+        schedule_timeout=_duration(args.schedule_timeout, "--schedule-timeout"),
+        fairness_key=args.fairness_key,
+        concurrency_key=args.concurrency_key,
+        sticky_key=args.sticky_key,
+        labels=parse_labels(args.label) if args.label else {},
+    )
     async with Client(_broker(args)) as client:
         started = time.monotonic()
         ids = await client.submit_many([TaskSpec(**spec) for _ in range(args.count)])
@@ -163,6 +177,15 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             (result,) = results.values()
             print(result.output.decode(errors="replace") or result.error)
         return 0 if len(results) == len(ids) and all(r.status == 1 for r in results.values()) else 1
+
+
+def _duration(value: str | None, flag: str) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise InvalidInput(f"{flag}: {err}") from err
 
 
 @_traced("demo")
@@ -233,8 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("submit", help="submit tasks and wait for their results")
     p.add_argument("action")
     p.add_argument("payload", nargs="?", help="JSON payload")
-    p.add_argument("--count", type=int, default=1)
-    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--count", type=int, default=1, help="how many tasks like this (default 1)")
+    p.add_argument("--tenant", default="default", help="tenant whose workers run it (default: default)")
+    p.add_argument("--priority", type=int, default=0, help="0-9, higher is assigned first (default 0)")
+    p.add_argument("--delay", help="not assigned before this from now, e.g. 5s or 2m (default: at once)")
+    p.add_argument(
+        "--schedule-timeout", help="not started within this after submission: ends expired, e.g. 30s (default: none)"
+    )
+    p.add_argument("--fairness-key", default="", help="share workers fairly across these keys (default: none)")
+    p.add_argument("--concurrency-key", default="", help="key the scheduler's concurrency limits count (default: none)")
+    p.add_argument("--sticky-key", default="", help="tasks with one key go to the same worker (default: none)")
+    p.add_argument("--label", action="append", help="a label the worker must carry, key=value; repeatable")
     p.add_argument("--max-retries", type=int, help="default: the worker's default for the action, else 0")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
     p.add_argument("--no-wait", action="store_true", help="print the task ids and return")

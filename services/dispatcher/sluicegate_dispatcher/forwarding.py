@@ -59,12 +59,20 @@ class Forwarder:
         await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))
 
     async def _seen_before(self, assignment: messages_pb2.Assignment, delivery: Delivery) -> bool:
-        """Handle an assignment redelivered after a reconnect; True if there is nothing more to do."""
+        """Handle an attempt seen before; True if there is nothing more to do.
+
+        The same delivery again after a reconnect takes the lease over (the old one can no longer be
+        acked). Another message carrying the same attempt - a scheduler that placed it again after
+        losing a confirm - is a copy: settled at once, while the lease keeps its own delivery.
+        """
         key: LeaseKey = (assignment.task.task_id, assignment.attempt)
         current = self.d.sessions.holder_of(key)
-        if current is not None:  # still running: the lease now rides on this delivery
+        if current is not None:
             self.d.stats.redeliveries += 1
-            current.token = delivery
+            if _still_open(current.token):
+                await self.d.settler.item_done(delivery)
+            else:
+                current.token = delivery
             return True
         if self.d.sessions.was_settled(key):
             self.d.stats.redeliveries += 1
@@ -196,6 +204,12 @@ class Forwarder:
             if error is not None:
                 telemetry.fail(span, error)
             span.end()
+
+
+def _still_open(delivery: Delivery) -> bool:
+    """Whether the channel a delivery came on is still open, so it can still be acked."""
+    channel = getattr(delivery.message, "channel", None)
+    return channel is not None and not getattr(channel, "is_closed", True)
 
 
 def _chunks(sizes: list[int], budget: int) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from sluicegate import telemetry
+from sluicegate.expiry import expired_error
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
 from sluicegate_scheduler.items import Pending
@@ -76,7 +77,7 @@ class Burial:
     def _expiry(self, task: messages_pb2.Task, attempt: int) -> messages_pb2.Requeue:
         return messages_pb2.Requeue(
             reason=Reason.EXPIRED.value,
-            detail=f"not started within {task.schedule_timeout_ms} ms of submission",
+            detail=expired_error(task),
             attempt=attempt,
             at_ms=self.wall(),
         )
