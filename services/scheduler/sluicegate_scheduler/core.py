@@ -89,6 +89,7 @@ class Core:
         self._held: dict[tuple[str, int], Pending] = {}
         self._watched: OrderedDict[tuple[str, int], messages_pb2.Task] = OrderedDict()  # parked, with a deadline
         self.wake_at: float | None = None  # when a limit refills or a timer is due
+        self._warned: set[tuple[str, str]] = set()  # (tenant, action) waiting for anyone to serve it
         self.delayed = 0
 
     # What the shell consumed.
@@ -313,13 +314,22 @@ class Core:
         """
         over = self.book.held_bytes > self.config.held_budget
         start, stop = [], []
+        unserved = set()
         for lane in self.book:
             k = lane.key
-            want = lane.ready and lane.backlogged and self.pool.serves(k.tenant, k.action) and not (over and lane.held)
+            served = self.pool.serves(k.tenant, k.action)
+            if not served and lane.depth:
+                unserved.add((k.tenant, k.action))
+            want = lane.ready and lane.backlogged and served and not (over and lane.held)
             if want and not lane.consuming:
                 start.append(lane)
             elif lane.consuming and not want:
                 stop.append(lane)
+        for tenant, action in unserved - self._warned:
+            log.warning(
+                "tasks of tenant %s for action %r wait in a lane: no connected worker serves it", tenant, action
+            )
+        self._warned = unserved  # once per lane while it waits; again only after someone served it
         return start, stop
 
     def idle_lanes(self) -> list[Lane]:

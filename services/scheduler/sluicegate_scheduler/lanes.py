@@ -84,7 +84,6 @@ class Lane:
     consuming: bool = False
     idle_since: float | None = None
     deficit: int = 0
-    warned: bool = False  # logged once that nobody serves its action
     probed_at: float = 0.0  # when the broker was last asked how much it holds
 
     @property
