@@ -59,6 +59,11 @@ class Topology:
     def control(self) -> str:
         return f"{self.prefix}.control"
 
+    @property
+    def lifecycle(self) -> str:
+        """The recorder's queue of lifecycle events (bound to `events` with `lifecycle.#`)."""
+        return f"{self.prefix}.lifecycle"
+
     def inbox(self, dispatcher_id: str) -> str:
         return f"{self.prefix}.dispatcher.{dispatcher_id}"
 
@@ -78,6 +83,10 @@ class Topology:
     @staticmethod
     def state_key(dispatcher_id: str) -> str:
         return f"state.{dispatcher_id}"
+
+    @staticmethod
+    def lifecycle_key(source: str) -> str:
+        return f"lifecycle.{source}"
 
 
 def quorum(**extra: Any) -> dict[str, Any]:
@@ -138,6 +147,16 @@ class Exchanges:
         await declare_bound_queue(channel, self.requeue, t.requeue, quorum(**{"x-single-active-consumer": True}))
         await declare_bound_queue(channel, self.dead, t.dead, quorum())
         return self
+
+
+async def declare_lifecycle_queue(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The recorder's durable queue: every lifecycle event waits here while no recorder runs.
+
+    Declared by the recorder and by `sluicegate migrate`, so that events are kept from the moment a
+    store is set up, even before the first recorder starts.
+    """
+    events = await declare_exchange(channel, topology.events, aio_pika.ExchangeType.TOPIC)
+    return await declare_bound_queue(channel, events, topology.lifecycle, quorum(), routing_key="lifecycle.#")
 
 
 def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> dict[str, Any]:
@@ -252,7 +271,7 @@ async def publish_until_confirmed(
 async def delete_topology(connection: AbstractRobustConnection, topology: Topology, dispatcher_ids: list[str]) -> None:
     """Delete every queue and exchange under the topology's prefix (tests and the demo clean up)."""
     channel = await connection.channel()
-    queues = [topology.tasks, topology.requeue, topology.dead]
+    queues = [topology.tasks, topology.requeue, topology.dead, topology.lifecycle]
     queues += [topology.inbox(d) for d in dispatcher_ids] + [topology.control_queue(d) for d in dispatcher_ids]
     for name in queues:
         try:

@@ -14,7 +14,7 @@ import grpc
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sluicegate import amqp, telemetry
+from sluicegate import amqp, lifecycle, telemetry
 from sluicegate.errors import (
     InvalidInput,
     PublishError,
@@ -53,6 +53,7 @@ class Dispatcher:
         broker: BrokerSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        lifecycle_settings: lifecycle.LifecycleSettings | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -61,6 +62,9 @@ class Dispatcher:
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics(self)
         self._exchanges = amqp.Exchanges(self.topology)
+        self.lifecycle = lifecycle.LifecycleEmitter(
+            self.topology, "dispatcher", lifecycle_settings, confirm_timeout=broker.confirm_timeout_s
+        )
         self.settler = Settler(
             topology=self.topology,
             broker=broker,
@@ -69,6 +73,7 @@ class Dispatcher:
             stats=self.stats,
             metrics=self.metrics,
             clock=clock,
+            emitter=self.lifecycle,
         )
         self.clock = clock
         self.port = 0
@@ -144,6 +149,7 @@ class Dispatcher:
         self._consumer_tag = await self._inbox.consume(self.forwarder.on_message)
         self._spawn(self._reap(), "reaper")
         self._spawn(self._publish_state(), "state")
+        self._spawn(self.lifecycle.run(self._exchanges.events), "lifecycle")
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "running"
@@ -156,6 +162,7 @@ class Dispatcher:
         self._state = "closing"
         with contextlib.suppress(Exception):
             await self._drain()
+        await self.lifecycle.drain(timeout=self.broker.confirm_timeout_s)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -237,6 +244,11 @@ class Dispatcher:
         if event.kind in (Event.KIND_RECEIVED, Event.KIND_STARTED):
             if self.sessions.acknowledge(lease):
                 self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
+                self.lifecycle.emit(
+                    lifecycle.assignment_event(
+                        lifecycle.K.KIND_STARTED, lease.payload, worker_id=session.worker_id, dispatcher_id=self.id
+                    )
+                )
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
         if event.kind not in (Event.KIND_COMPLETED, Event.KIND_FAILED):
             return worker_pb2.EventVerdict.VERDICT_INVALID
