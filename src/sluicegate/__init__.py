@@ -9,19 +9,24 @@ from sluicegate.errors import (
     TaskFailed,
 )
 from sluicegate.settings import BrokerSettings
+from sluicegate.store import HistoryEntry, StoreSettings, TaskRecord, TaskState
 from sluicegate.worker import TaskContext, Worker, WorkerSettings
 
 __all__ = [
     "BrokerSettings",
     "Client",
+    "HistoryEntry",
     "InvalidInput",
     "PermanentError",
     "RetryableError",
     "SluicegateError",
+    "StoreSettings",
     "TaskContext",
     "TaskFailed",
+    "TaskRecord",
     "TaskResult",
     "TaskSpec",
+    "TaskState",
     "Worker",
     "WorkerSettings",
 ]
