@@ -56,7 +56,7 @@ def translate(err: BaseException) -> SluicegateError:
 
 def refuses_for_good(err: BaseException) -> bool:
     """A failure that retrying cannot fix: wrong credentials, no such database, no schema."""
-    return isinstance(err, _REFUSED | asyncpg.UndefinedTableError)
+    return isinstance(err, (*_REFUSED, asyncpg.UndefinedTableError))
 
 
 def is_bad_data(err: BaseException) -> bool:
