@@ -9,8 +9,10 @@ and a batch's row in SQL, so a task's record is the same whatever order its even
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from sluicegate.lifecycle import KIND_NAMES
 from sluicegate.store.records import (
@@ -40,7 +42,7 @@ def problem(event: messages_pb2.LifecycleEvent) -> str | None:
     """Why an event cannot be recorded, or None if it can."""
     if not TASK_ID_PATTERN.fullmatch(event.task_id):
         return "task id"
-    if not event.event_id or len(event.event_id) > MAX_EVENT_ID:
+    if not event.event_id or len(event.event_id) > MAX_EVENT_ID or "\x00" in event.event_id:
         return "event id"
     if not is_known_kind(event.kind):
         return "kind"
@@ -51,38 +53,25 @@ def _at(event: messages_pb2.LifecycleEvent, now_ms: int) -> int:
     return min(event.at_ms, _LAST_MS) if event.at_ms > 0 else now_ms
 
 
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    """One row of sluicegate_task_events."""
-
-    task_id: str
-    event_id: str
-    attempt: int
-    kind: str
-    at_ms: int
-    worker_id: str
-    dispatcher_id: str
-    reason: str
-    detail: str
-    error: str
-
-
-def event_row(event: messages_pb2.LifecycleEvent, now_ms: int) -> EventRow:
-    return EventRow(
-        task_id=event.task_id,
-        event_id=clean(event.event_id, MAX_EVENT_ID),
-        attempt=min(event.attempt, MAX_ATTEMPT),
-        kind=KIND_NAMES[event.kind],
-        at_ms=_at(event, now_ms),
-        worker_id=clean(event.worker_id, MAX_DETAIL),
-        dispatcher_id=clean(event.dispatcher_id, MAX_DETAIL),
-        reason=clean(event.reason, MAX_DETAIL),
-        detail=clean(event.detail, MAX_DETAIL),
-        error=clean(event.error, MAX_DETAIL),
-    )
+def event_columns(events: Sequence[messages_pb2.LifecycleEvent], now_ms: int) -> list[list[Any]]:
+    """The columns of sluicegate_task_events for `events`, one list per column (see writer.py)."""
+    columns: list[list[Any]] = [[] for _ in range(10)]
+    task_ids, event_ids, attempts, kinds, ats, workers, dispatchers, reasons, details, errors = columns
+    for event in events:
+        task_ids.append(event.task_id)
+        event_ids.append(event.event_id)
+        attempts.append(min(event.attempt, MAX_ATTEMPT))
+        kinds.append(KIND_NAMES[event.kind])
+        ats.append(_at(event, now_ms))
+        workers.append(clean(event.worker_id, MAX_DETAIL))
+        dispatchers.append(clean(event.dispatcher_id, MAX_DETAIL))
+        reasons.append(clean(event.reason, MAX_DETAIL))
+        details.append(clean(event.detail, MAX_DETAIL))
+        errors.append(clean(event.error, MAX_DETAIL))
+    return columns
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskRow:
     """One task's row of sluicegate_tasks, as far as some of its events tell (times in unix ms)."""
 
@@ -166,35 +155,39 @@ def _earliest(a: int | None, b: int | None) -> int | None:
     return min(a, b)
 
 
-def merge(a: TaskRow, b: TaskRow) -> TaskRow:
-    """The row both rows' events make together; the same whichever is `a` (for consistent events)."""
-    status = b if b.status_key > a.status_key else a
-    worker = b if b.worker_id and (not a.worker_id or b.worker_attempt > a.worker_attempt) else a
-    dispatcher = b if b.dispatcher_id and (not a.dispatcher_id or b.dispatcher_attempt > a.dispatcher_attempt) else a
-    started = a
+def absorb(a: TaskRow, b: TaskRow) -> None:
+    """Fold `b` into `a` in place: `a` becomes the row both rows' events make together."""
+    if b.status_key > a.status_key:
+        a.status, a.status_key, a.status_at_ms = b.status, b.status_key, b.status_at_ms
+        a.reason, a.detail, a.error = b.reason, b.detail, b.error
+        a.output, a.output_size, a.finished_at_ms = b.output, b.output_size, b.finished_at_ms
+    if not a.tenant:
+        a.tenant = b.tenant
+    if not a.action:
+        a.action = b.action
+    if b.attempts > a.attempts:
+        a.attempts = b.attempts
+    if b.worker_id and (not a.worker_id or b.worker_attempt > a.worker_attempt):
+        a.worker_id, a.worker_attempt = b.worker_id, b.worker_attempt
+    if b.dispatcher_id and (not a.dispatcher_id or b.dispatcher_attempt > a.dispatcher_attempt):
+        a.dispatcher_id, a.dispatcher_attempt = b.dispatcher_id, b.dispatcher_attempt
+    a.submitted_at_ms = _earliest(a.submitted_at_ms, b.submitted_at_ms)
+    a.first_assigned_at_ms = _earliest(a.first_assigned_at_ms, b.first_assigned_at_ms)
     if b.started_at_ms is not None and (
         a.started_at_ms is None
         or b.started_attempt > a.started_attempt
         or (b.started_attempt == a.started_attempt and b.started_at_ms < a.started_at_ms)
     ):
-        started = b
-    spec = a if a.spec is not None else b
-    return replace(
-        status,
-        tenant=a.tenant or b.tenant,
-        action=a.action or b.action,
-        attempts=max(a.attempts, b.attempts),
-        worker_id=worker.worker_id,
-        worker_attempt=worker.worker_attempt,
-        dispatcher_id=dispatcher.dispatcher_id,
-        dispatcher_attempt=dispatcher.dispatcher_attempt,
-        submitted_at_ms=_earliest(a.submitted_at_ms, b.submitted_at_ms),
-        first_assigned_at_ms=_earliest(a.first_assigned_at_ms, b.first_assigned_at_ms),
-        started_at_ms=started.started_at_ms,
-        started_attempt=started.started_attempt,
-        spec=spec.spec,
-        payload_size=spec.payload_size,
-    )
+        a.started_at_ms, a.started_attempt = b.started_at_ms, b.started_attempt
+    if a.spec is None:
+        a.spec, a.payload_size = b.spec, b.payload_size
+
+
+def merge(a: TaskRow, b: TaskRow) -> TaskRow:
+    """The row both rows' events make together; the same whichever is `a` (for consistent events)."""
+    merged = copy.copy(a)
+    absorb(merged, b)
+    return merged
 
 
 def fold(events: Iterable[messages_pb2.LifecycleEvent], now_ms: int, max_output_bytes: int) -> list[TaskRow]:
@@ -203,5 +196,8 @@ def fold(events: Iterable[messages_pb2.LifecycleEvent], now_ms: int, max_output_
     for event in events:
         row = task_row(event, now_ms, max_output_bytes)
         known = rows.get(event.task_id)
-        rows[event.task_id] = row if known is None else merge(known, row)
+        if known is None:
+            rows[event.task_id] = row
+        else:
+            absorb(known, row)
     return [rows[task_id] for task_id in sorted(rows)]

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sluicegate.v1 import messages_pb2
-from sluicegate_recorder.fold import EventRow, TaskRow, event_row, fold
+from sluicegate_recorder.fold import TaskRow, event_columns, fold
 
 _MS = "to_timestamp({0} / 1000.0)"
 
@@ -142,20 +142,20 @@ async def write(
     connection: Connection, events: Sequence[messages_pb2.LifecycleEvent], *, now_ms: int, max_output_bytes: int
 ) -> Written:
     """Record valid `events` in one transaction (call `fold.problem` first to leave out bad ones)."""
-    unique: dict[tuple[str, str], tuple[EventRow, messages_pb2.LifecycleEvent]] = {}
+    unique: dict[tuple[str, str], messages_pb2.LifecycleEvent] = {}
     for event in events:
-        row = event_row(event, now_ms)
-        unique.setdefault((row.task_id, row.event_id), (row, event))
-    ordered = [unique[key] for key in sorted(unique)]
-    columns = [[getattr(row, name) for row, _ in ordered] for name, _ in _EVENT_COLUMNS]
+        unique.setdefault((event.task_id, event.event_id), event)
+    keys = sorted(unique)
+    ordered = [unique[key] for key in keys]
     async with connection.transaction():
-        inserted = {(r["task_id"], r["event_id"]) for r in await connection.fetch(INSERT_EVENTS, *columns)}
-        fresh = [event for (row, event) in ordered if (row.task_id, row.event_id) in inserted]
-        rows = fold(fresh, now_ms, max_output_bytes)
-        if rows:
-            task_columns = [[getattr(row, field) for row in rows] for field, _, _ in _TASK_COLUMNS]
+        rows = await connection.fetch(INSERT_EVENTS, *event_columns(ordered, now_ms))
+        inserted = {(r["task_id"], r["event_id"]) for r in rows}
+        fresh = [unique[key] for key in keys if key in inserted]
+        tasks = fold(fresh, now_ms, max_output_bytes)
+        if tasks:
+            task_columns = [[getattr(row, field) for row in tasks] for field, _, _ in _TASK_COLUMNS]
             await connection.execute(UPSERT_TASKS, *task_columns)
-    return Written(recorded=len(fresh), duplicates=len(events) - len(fresh), tasks=len(rows))
+    return Written(recorded=len(fresh), duplicates=len(events) - len(fresh), tasks=len(tasks))
 
 
 async def prune(connection: Connection, older_than: timedelta, *, chunk: int = 5000) -> tuple[int, int]:
