@@ -1,6 +1,8 @@
 """The recorder process: consumes lifecycle events in batches and keeps one record per task in PostgreSQL.
 
-Messages are acked only after the transaction holding their events committed. While the store is
+Messages are acked only after the transaction holding their events committed. Two transactions
+run at once by default, so that preparing one batch overlaps with PostgreSQL writing the other;
+events fold the same in any order, and rows are locked in key order, so they cannot deadlock. While the store is
 down the recorder holds what it has (up to its prefetch), retries with backoff and reports not
 ready; everything else waits in the durable `<prefix>.lifecycle` queue, so nothing is lost and
 the recorder catches up when the store is back. A crash between commit and ack only repeats
@@ -101,7 +103,7 @@ class Recorder:
         if self._state != "new":
             raise RuntimeError(f"recorder is {self._state}")
         self._state = "starting"
-        self._pool = await db.create_pool(self.store, max_size=2)
+        self._pool = await db.create_pool(self.store, max_size=self.settings.writers + 1)
         await db.wait_until_reachable(self._pool, self.store)
         try:
             async with self._pool.acquire() as connection:
@@ -183,22 +185,35 @@ class Recorder:
         return messages, events
 
     async def _record_loop(self) -> None:
-        while True:
-            if not self._held:
-                if self._stopping.is_set():
-                    return
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            messages, events = self._take()
-            self._writing = len(messages)
-            try:
-                await self._write(events)
-            finally:
-                self._writing = 0
-            for message in messages:
-                with contextlib.suppress(Exception):  # a delivery from before a reconnect comes again
-                    await message.ack()
+        """Take what arrived and write it; up to `writers` transactions at once, each acking its own."""
+        slots = asyncio.Semaphore(self.settings.writers)
+        async with asyncio.TaskGroup() as writes:
+            while True:
+                if not self._held:
+                    if self._stopping.is_set():
+                        return  # the task group waits for the writes in flight
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                await slots.acquire()  # meanwhile more arrives: the next batch is larger (group commit)
+                messages, events = self._take()
+                self._writing += len(messages)
+                writes.create_task(self._write_then_ack(messages, events, slots))
+
+    async def _write_then_ack(
+        self,
+        messages: list[AbstractIncomingMessage],
+        events: list[messages_pb2.LifecycleEvent],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            await self._write(events)
+        finally:
+            self._writing -= len(messages)
+            slots.release()
+        for message in messages:
+            with contextlib.suppress(Exception):  # a delivery from before a reconnect comes again
+                await message.ack()
 
     def _decode(self, message: AbstractIncomingMessage) -> list[messages_pb2.LifecycleEvent]:
         try:

@@ -22,6 +22,7 @@ class RecorderSettings(BaseSettings):
     max_batch_events: int = Field(
         default=5000, ge=1, le=1_000_000, description="Most events written in one transaction."
     )
+    writers: int = Field(default=2, ge=1, le=16, description="Write transactions in flight at once.")
     max_output_bytes: int = Field(
         default=64 * 1024,
         ge=0,
