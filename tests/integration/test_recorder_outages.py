@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -127,3 +128,74 @@ async def eventually_recorded(url: str, events: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the recorder recorded nothing")
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    response = (await asyncio.wait_for(reader.read(), 5)).decode()
+    writer.close()
+    return int(response.split()[1]), response.split("\r\n\r\n", 1)[1]
+
+
+async def test_recorder_readiness_follows_the_store_and_metrics_tell_why(
+    store: StoreSettings, broker: BrokerSettings, postgres_url: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "SLUICEGATE_STORE_URL": store.dsn,
+        "RABBITMQ_URL": broker.url,
+        "SLUICEGATE_PREFIX": broker.prefix,
+        "SLUICEGATE_METRICS_PORT": str(port),
+        "SLUICEGATE_METRICS_HOST": "127.0.0.1",
+        "SLUICEGATE_RECORDER_RETRY_MAX_BACKOFF": "200ms",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluicegate", "recorder", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    name = store.dsn.rsplit("/", 1)[1]
+    try:
+        await _until(lambda: _get(port, "/readyz"), 200)
+        async with Publisher(broker) as publisher:
+            await publisher.emit(story(1))
+            await _until(
+                lambda: _get(port, "/metrics"), 200, 'sluicegate_recorder_events_total{outcome="recorded"} 4.0'
+            )
+            admin = await asyncpg.connect(postgres_url)
+            try:
+                await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+                await publisher.emit(story(2))
+                await _until(lambda: _get(port, "/readyz"), 503)
+                _, metrics = await _get(port, "/metrics")
+                assert "sluicegate_recorder_store_up 0.0" in metrics
+                assert (await _get(port, "/healthz"))[0] == 200, "alive while it waits for the store"
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
+            await migrate(store.dsn)
+            await _until(lambda: _get(port, "/readyz"), 200)
+            await _until(
+                lambda: _get(port, "/metrics"), 200, 'sluicegate_recorder_events_total{outcome="recorded"} 8.0'
+            )
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _until(get: Callable[[], Awaitable[tuple[int, str]]], status: int, text: str = "") -> None:
+    for _ in range(300):
+        try:
+            got, body = await get()
+        except OSError:
+            got, body = 0, ""
+        if got == status and text in body:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never got {status} {text!r}")
