@@ -162,7 +162,8 @@ class Dispatcher:
         self._state = "closing"
         with contextlib.suppress(Exception):
             await self._drain()
-        await self.lifecycle.drain(timeout=self.broker.confirm_timeout_s)
+        # Lifecycle events are records, not tasks: they never hold a stop for long.
+        await self.lifecycle.drain(timeout=min(self.broker.confirm_timeout_s, 2.0))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
