@@ -6,7 +6,9 @@ from sluicegate.errors import (
     PermanentError,
     RetryableError,
     SluicegateError,
+    StoreUnavailable,
     TaskFailed,
+    TaskPending,
 )
 from sluicegate.settings import BrokerSettings
 from sluicegate.store import HistoryEntry, StoreSettings, TaskRecord, TaskState
@@ -21,8 +23,10 @@ __all__ = [
     "RetryableError",
     "SluicegateError",
     "StoreSettings",
+    "StoreUnavailable",
     "TaskContext",
     "TaskFailed",
+    "TaskPending",
     "TaskRecord",
     "TaskResult",
     "TaskSpec",

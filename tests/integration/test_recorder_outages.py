@@ -50,6 +50,9 @@ async def test_a_store_dropped_and_recreated_mid_run_gets_every_event_after_it_i
         await eventually(lambda: running.stats.recorded == 400, timeout=20)
         assert running.ready
 
+        lookup = TaskStore(store)
+        assert await lookup.get("task-after-7") is None
+        waiting = asyncio.create_task(lookup.wait("task-after-7", timeout=60))  # a lookup across the outage
         admin = await asyncpg.connect(postgres_url)
         try:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -65,6 +68,9 @@ async def test_a_store_dropped_and_recreated_mid_run_gets_every_event_after_it_i
         await migrate(store.dsn)
         await eventually(lambda: running.stats.recorded == 800, timeout=30)
         assert running.ready
+        waited = await waiting
+        await lookup.close()
+        assert (waited.status, waited.output) == (TaskState.COMPLETED, b"out-after-7")
 
     assert await _counts(store.dsn) == (100, 100, 400), "every event published while the store was gone"
     async with TaskStore(store) as reader:

@@ -91,7 +91,11 @@ class Recorder:
         return len(self._held) + self._writing
 
     async def __aenter__(self) -> Recorder:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()  # what start opened before it failed
+            raise
         return self
 
     async def __aexit__(

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from sluicegate.errors import InvalidInput, TaskPending
+from sluicegate.errors import InvalidInput, SchemaBehind, StoreUnavailable, TaskPending
 from sluicegate.store import db, schema
 from sluicegate.store.records import TaskRecord, TaskState, history_from_rows, record_from_row
 from sluicegate.store.settings import StoreSettings
@@ -41,6 +41,7 @@ class TaskStore:
         self.settings = settings
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._lock = asyncio.Lock()
+        self._answered = False  # the store answered once: it exists, later failures may pass
 
     async def __aenter__(self) -> TaskStore:
         return self
@@ -74,9 +75,11 @@ class TaskStore:
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         try:
             pool = await self._ready_pool()
-            return list(await pool.fetch(query, *args))
+            rows = list(await pool.fetch(query, *args))
         except db.STORE_ERRORS as err:
             raise db.translate(err) from err
+        self._answered = True
+        return rows
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task's record with its history, or None if the store has no record of it."""
@@ -136,11 +139,19 @@ class TaskStore:
         return [record_from_row(row) for row in rows]
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
-        """Poll until the task has a terminal record; TimeoutError after `timeout` seconds."""
+        """Poll until the task has a terminal record; TimeoutError after `timeout` seconds.
+
+        Once the store has answered, a failure to reach it is waited out like a record not there yet.
+        """
         delay = 0.05
         async with asyncio.timeout(timeout):
             while True:
-                record = await self.get(task_id)
+                try:
+                    record = await self.get(task_id)
+                except (StoreUnavailable, SchemaBehind):  # a store recreated meanwhile has no schema for a moment
+                    if not self._answered:
+                        raise
+                    record = None
                 if record is not None and record.terminal:
                     return record
                 await asyncio.sleep(delay)
