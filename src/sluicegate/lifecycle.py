@@ -162,6 +162,24 @@ def result_event(assignment: messages_pb2.Assignment, result: messages_pb2.TaskR
     )
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_batch(events: Iterable[bytes]) -> bytes:
+    """A LifecycleBatch from serialized events, without parsing them again: each is field 1, length-delimited."""
+    parts: list[bytes] = []
+    for event in events:
+        parts.append(b"\x0a" + _varint(len(event)))
+        parts.append(event)
+    return b"".join(parts)  # one copy of each event, into the body
+
+
 class LifecycleEmitter:
     """A bounded buffer of lifecycle events and the loop that publishes it in batches.
 
@@ -181,7 +199,7 @@ class LifecycleEmitter:
         self.routing_key = topology.lifecycle_key(source)
         self.confirm_timeout = confirm_timeout
         self.emitted = self.published = self.dropped = self.batches = self.retries = 0
-        self._buffer: deque[messages_pb2.LifecycleEvent] = deque()
+        self._buffer: deque[bytes] = deque()  # serialized events: a batch is their concatenation
         self._capacity = self.settings.buffer
         self._sending = 0
         self._dropping = False
@@ -204,18 +222,18 @@ class LifecycleEmitter:
                     "lifecycle buffer full (%d events): dropping the oldest until the broker catches up",
                     self._capacity,
                 )
-        self._buffer.append(event)
+        self._buffer.append(event.SerializeToString())
         self.emitted += 1
         if not self._wake.is_set():
             self._wake.set()
 
-    def _take(self) -> list[messages_pb2.LifecycleEvent]:
+    def _take(self) -> list[bytes]:
         """Everything buffered, up to one message's worth (at least one event, however large)."""
-        batch: list[messages_pb2.LifecycleEvent] = []
+        batch: list[bytes] = []
         size = 0
         limit, limit_bytes = self.settings.max_batch, self.settings.max_batch_bytes
         while self._buffer and len(batch) < limit:
-            event_size = self._buffer[0].ByteSize()
+            event_size = len(self._buffer[0])
             if batch and size + event_size > limit_bytes:
                 break
             batch.append(self._buffer.popleft())
@@ -243,8 +261,8 @@ class LifecycleEmitter:
                 self._dropping = False
                 log.info("lifecycle buffer has room again; %d event(s) dropped so far", self.dropped)
 
-    async def _publish(self, exchange: AbstractExchange, batch: list[messages_pb2.LifecycleEvent]) -> None:
-        body = messages_pb2.LifecycleBatch(events=batch).SerializeToString()
+    async def _publish(self, exchange: AbstractExchange, batch: list[bytes]) -> None:
+        body = encode_batch(batch)
         message_id = uuid.uuid4().hex  # the same for every retry of this batch
         delay = 0.05
         while True:

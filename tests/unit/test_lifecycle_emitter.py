@@ -14,6 +14,7 @@ from sluicegate.lifecycle import (
     LifecycleEmitter,
     LifecycleSettings,
     assignment_event,
+    encode_batch,
     event_id,
     result_event,
     task_event,
@@ -274,3 +275,12 @@ def test_result_event_matches_the_result(status: int, kind: int) -> None:
 def test_result_event_refuses_a_status_that_is_not_terminal() -> None:
     with pytest.raises(ValueError, match="not terminal"):
         result_event(messages_pb2.Assignment(task=_task(1), attempt=1), messages_pb2.TaskResult(task_id="task-1"))
+
+
+@pytest.mark.parametrize("output_bytes", [0, 100, 200, 20_000, 3_000_000])
+def test_a_batch_built_from_serialized_events_is_the_protobuf_batch(output_bytes: int) -> None:
+    assignment = messages_pb2.Assignment(task=_task(1), attempt=1)
+    events = [_event(1), assignment_event(K.KIND_COMPLETED, assignment, output=b"o" * output_bytes), K()]
+    encoded = encode_batch(e.SerializeToString() for e in events)
+    assert encoded == messages_pb2.LifecycleBatch(events=events).SerializeToString()
+    assert list(messages_pb2.LifecycleBatch.FromString(encoded).events) == events
