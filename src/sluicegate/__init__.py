@@ -6,22 +6,31 @@ from sluicegate.errors import (
     PermanentError,
     RetryableError,
     SluicegateError,
+    StoreUnavailable,
     TaskFailed,
+    TaskPending,
 )
 from sluicegate.settings import BrokerSettings
+from sluicegate.store import HistoryEntry, StoreSettings, TaskRecord, TaskState
 from sluicegate.worker import TaskContext, Worker, WorkerSettings
 
 __all__ = [
     "BrokerSettings",
     "Client",
+    "HistoryEntry",
     "InvalidInput",
     "PermanentError",
     "RetryableError",
     "SluicegateError",
+    "StoreSettings",
+    "StoreUnavailable",
     "TaskContext",
     "TaskFailed",
+    "TaskPending",
+    "TaskRecord",
     "TaskResult",
     "TaskSpec",
+    "TaskState",
     "Worker",
     "WorkerSettings",
 ]

@@ -115,6 +115,11 @@ class Topology:
     def control(self) -> str:
         return f"{self.prefix}.control"
 
+    @property
+    def lifecycle(self) -> str:
+        """The recorder's queue of lifecycle events (bound to `events` with `lifecycle.#`)."""
+        return f"{self.prefix}.lifecycle"
+
     def inbox(self, dispatcher_id: str) -> str:
         return f"{self.prefix}.dispatcher.{dispatcher_id}"
 
@@ -134,6 +139,10 @@ class Topology:
     @staticmethod
     def state_key(dispatcher_id: str) -> str:
         return f"state.{dispatcher_id}"
+
+    @staticmethod
+    def lifecycle_key(source: str) -> str:
+        return f"lifecycle.{source}"
 
 
 def quorum(**extra: Any) -> dict[str, Any]:
@@ -198,6 +207,16 @@ class Exchanges:
         await declare_bound_queue(channel, self.requeue, t.requeue, quorum(**{"x-single-active-consumer": True}))
         await declare_bound_queue(channel, self.dead, t.dead, quorum())
         return self
+
+
+async def declare_lifecycle_queue(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The recorder's durable queue: every lifecycle event waits here while no recorder runs.
+
+    Declared by the recorder and by `sluicegate migrate`, so that events are kept from the moment a
+    store is set up, even before the first recorder starts.
+    """
+    events = await declare_exchange(channel, topology.events, aio_pika.ExchangeType.TOPIC)
+    return await declare_bound_queue(channel, events, topology.lifecycle, quorum(), routing_key="lifecycle.#")
 
 
 def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> dict[str, Any]:
@@ -357,7 +376,7 @@ async def delete_topology(connection: AbstractRobustConnection, topology: Topolo
     queues = await recorded_queues(connection, topology)
     channel = await connection.channel()
     queues += [topology.tasks, topology.requeue, topology.dead, topology.due, topology.registry, topology.leader]
-    queues += [topology.delay(ms) for ms in DELAY_RUNGS_MS]
+    queues += [topology.lifecycle, *(topology.delay(ms) for ms in DELAY_RUNGS_MS)]
     queues += [topology.inbox(d) for d in dispatcher_ids] + [topology.control_queue(d) for d in dispatcher_ids]
     for name in queues:
         try:

@@ -1,4 +1,4 @@
-"""The `sluicegate` command: run a scheduler, a dispatcher or a demo worker; submit tasks; run the demo."""
+"""The `sluicegate` command: run a scheduler, a dispatcher, a recorder or a demo worker; submit and look up tasks."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
 
 @_traced("dispatcher")
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
+    from sluicegate.lifecycle import LifecycleSettings
     from sluicegate_dispatcher.app import Dispatcher
     from sluicegate_dispatcher.settings import DispatcherSettings
 
@@ -92,7 +93,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         drain_grace=args.drain_grace,
     )
     stop = _stop_on_signals()
-    dispatcher = Dispatcher(settings, _broker(args))
+    dispatcher = Dispatcher(settings, _broker(args), lifecycle_settings=load(LifecycleSettings))
     async with dispatcher, _observed(dispatcher.metrics.registry, lambda: dispatcher.ready):
         await stop.wait()
     return 0
@@ -271,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
     p.add_argument("--no-wait", action="store_true", help="print the task ids and return")
     p.set_defaults(run=cmd_submit)
+
+    from sluicegate.cli_records import add_commands as add_record_commands
+
+    add_record_commands(commands)
 
     p = commands.add_parser("demo", help="run the whole pipeline locally with a worker that stalls")
     p.add_argument("--workers", type=int, default=4)

@@ -1,4 +1,4 @@
-"""The producer's client: submit tasks (confirmed by the broker) and await their results."""
+"""The producer's client: submit tasks (confirmed by the broker), await their results, look up any task."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind
 
 from sluicegate import amqp, telemetry
-from sluicegate.errors import InvalidInput, TaskFailed
+from sluicegate.errors import InvalidInput, TaskFailed, TaskPending
 from sluicegate.retry import RetryPolicy
 from sluicegate.retry import stamp as stamp_retry
-from sluicegate.settings import BrokerSettings
+from sluicegate.settings import BrokerSettings, load
+from sluicegate.store import StoreSettings, TaskRecord, TaskStore
 from sluicegate.v1 import messages_pb2
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD, check_task
 from sluicegate.wire import now_ms
@@ -109,11 +110,21 @@ class Client:
 
     `submit` returns once the broker has confirmed the task is in the durable `tasks` queue.
     A result that arrives twice (an at-least-once duplicate) is counted in `duplicates` and the
-    first one is kept.
+    first one is kept. With a task store (`store`, else SLUICEGATE_STORE_URL), `get` looks up any
+    task's record and `result` finds the results of tasks this client did not submit.
     """
 
-    def __init__(self, broker: BrokerSettings | None = None, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        broker: BrokerSettings | None = None,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        store: StoreSettings | None = None,
+    ) -> None:
         self.broker = broker or BrokerSettings()
+        self.store_settings = store if store is not None else load(StoreSettings)
+        self._store: TaskStore | None = None
+        self._submitted: set[str] = set()
         self.topology = amqp.Topology(self.broker.prefix)
         self.client_id = uuid.uuid4().hex
         self.max_payload = max_payload
@@ -152,6 +163,9 @@ class Client:
         await self._queue.consume(self._on_result)
 
     async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.delete(if_unused=False, if_empty=False)
@@ -237,12 +251,39 @@ class Client:
         finally:
             for _, span in built:
                 span.end()
+        self._submitted.update(t.task_id for t in tasks)
         return [t.task_id for t in tasks]
 
-    async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
-        """The task's terminal result (completed, failed, dead, rejected or expired)."""
+    @property
+    def store(self) -> TaskStore:
+        """The task store this client reads (InvalidInput if none is configured)."""
+        if self._store is None:
+            self._store = TaskStore(self.store_settings)
+        return self._store
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task's record from the task store (any task, from any process), or None if it has none.
+
+        Raises InvalidInput without a store, StoreUnavailable when it cannot be reached.
+        """
+        return await self.store.get(task_id)
+
+    async def result(self, task_id: str, timeout: float | None = None, *, wait: bool = True) -> TaskResult:
+        """The task's terminal result (completed, failed, dead, rejected, expired or cancelled).
+
+        A task this client submitted gets its result as it is routed back. Any other task (one
+        submitted elsewhere, or before a restart) is looked up in the task store, which is polled
+        until its record is terminal. With `wait=False`, TaskPending is raised at once if the
+        result is not there yet. TimeoutError after `timeout` seconds.
+        """
         if task_id in self._results:
             return self._results[task_id]
+        if task_id not in self._submitted and self.store_settings.configured:
+            if not wait:
+                return (await self.store.result_now(task_id)).to_result()
+            return (await self.store.wait(task_id, timeout)).to_result()
+        if not wait:
+            raise TaskPending(f"task {task_id} has no result yet")
         waiter = self._waiters.get(task_id)
         if waiter is None:
             waiter = self._waiters[task_id] = asyncio.get_running_loop().create_future()

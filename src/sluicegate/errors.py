@@ -6,13 +6,16 @@
     │   ├── NotConnected        the worker is not streaming from this dispatcher
     │   ├── NoFreeSlot          the worker has no free slot
     │   ├── LockTimeout         the worker's send lock was not acquired in time
-    │   └── StreamBroken        the worker's stream failed or was ended
+    │   ├── StreamBroken        the worker's stream failed or was ended
+    │   ├── StoreUnavailable    the task store could not be reached or did not answer
+    │   └── TaskPending         the task has no terminal result yet
     └── PermanentError          retrying the same request cannot help
         ├── InvalidInput        a task, request or setting is malformed
         ├── Unroutable          the broker had no queue for a publish
         ├── UnknownSession      the worker session does not exist (any more)
         ├── StaleAttempt        a report for an attempt the worker no longer holds
-        └── TaskFailed          a task ended in a state other than completed
+        ├── TaskFailed          a task ended in a state other than completed
+        └── SchemaBehind        the task store's schema is older than this release needs
 
 Edges convert once: the gRPC servicer maps these to status codes, the AMQP consumers map them
 to requeue or dead-letter reasons, the CLI to a one-line message and an exit code.
@@ -62,6 +65,14 @@ class StreamBroken(RetryableError):
     """The worker's stream failed or was ended while sending."""
 
 
+class StoreUnavailable(RetryableError):
+    """The task store (PostgreSQL) could not be reached or failed to answer."""
+
+
+class TaskPending(RetryableError):
+    """The task has no terminal result yet (asked without waiting)."""
+
+
 class InvalidInput(PermanentError):
     """A task, request or setting is malformed; the message says which field and why."""
 
@@ -87,3 +98,7 @@ class TaskFailed(PermanentError):
         status = messages_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
         super().__init__(f"task {result.task_id} {status}: {result.error or 'no error message'}")
         self.result = result
+
+
+class SchemaBehind(PermanentError):
+    """The task store's schema is older than this release needs: run `sluicegate migrate`."""

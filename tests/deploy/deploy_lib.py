@@ -21,7 +21,7 @@ K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "production")
 
 # The roles the image runs (the `sluicegate` subcommands of the contract).
-ROLES = ("scheduler", "dispatcher", "worker", "submit", "demo")
+ROLES = ("scheduler", "dispatcher", "worker", "submit", "demo", "recorder", "migrate")
 
 # Every environment variable Sluicegate reads, from the configuration contract. A name outside this
 # set in a deployment file is a typo that the application would silently ignore.
@@ -39,8 +39,11 @@ SLUICEGATE_ENV = {
     "SLUICEGATE_WORKER_DISPATCHERS",
     "SLUICEGATE_WORKER_SLOTS",
     "SLUICEGATE_SCHEDULER_MAX_DISPATCH_ATTEMPTS",
+    "SLUICEGATE_STORE_URL",
+    "SLUICEGATE_RECORDER_RETENTION",
 }
 BROKER_URL_ENV = {"RABBITMQ_URL", "SLUICEGATE_RABBITMQ_URL"}
+STORE_URL_ENV = {"SLUICEGATE_STORE_URL"}
 OTEL_ENV = {
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_SERVICE_NAME",

@@ -58,6 +58,9 @@ MERGE_KEYS = {
     "imagePullSecrets": "name",
 }
 
+# Lists of built-in kinds that have no merge key in the Kubernetes schema: kustomize replaces them whole.
+REPLACED_LISTS = {"volumeClaimTemplates", "accessModes"}
+
 SCALABLE_KINDS = {"Deployment", "StatefulSet", "ReplicaSet", "ReplicationController"}
 
 
@@ -153,7 +156,7 @@ def _merge(base: Any, patch: Any, *, builtin: bool, path: str, field: str = "") 
                 result[key] = copy.deepcopy(value)
         return result
     if isinstance(patch, list):
-        if not builtin:
+        if not builtin or field in REPLACED_LISTS:
             return copy.deepcopy(patch)
         if field not in MERGE_KEYS or MERGE_KEYS[field] is None:
             raise UnsupportedKustomization(f"{path}: no known strategic-merge key for list field {field!r}")

@@ -87,7 +87,39 @@ def test_broker_url_goes_only_to_amqp_roles(compose: dict[str, Any], lib: Module
     # Workers speak gRPC to dispatchers; they have no business holding broker credentials.
     for name, svc in compose["services"].items():
         has_url = bool(lib.BROKER_URL_ENV & set(_env(svc)))
-        assert has_url == (_role(svc) in {"scheduler", "dispatcher", "submit", "demo"}), name
+        assert has_url == (_role(svc) in {"scheduler", "dispatcher", "submit", "demo", "recorder", "migrate"}), name
+
+
+def test_store_url_goes_only_to_the_roles_that_keep_records(compose: dict[str, Any], lib: ModuleType) -> None:
+    for name, svc in compose["services"].items():
+        assert bool(lib.STORE_URL_ENV & set(_env(svc))) == (_role(svc) in {"recorder", "migrate"}), name
+
+
+def test_postgres_service(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert any(v.endswith(":/var/lib/postgresql/data") and not v.startswith("./") for v in postgres["volumes"])
+    assert "postgres-data" in compose["volumes"]
+    env = _env(postgres)
+    (migrate,) = _services_with_role(compose, "migrate").values()
+    url = _env(migrate)["SLUICEGATE_STORE_URL"]
+    match = re.fullmatch(r"postgresql://([^:]+):([^@]+)@postgres:5432/(\w+)", url)
+    assert match, url
+    assert match.groups() == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"])
+    assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD"), "the demo password can be changed"
+
+
+def test_migrate_runs_once_before_the_recorder(compose: dict[str, Any]) -> None:
+    ((name, migrate),) = _services_with_role(compose, "migrate").items()
+    assert _depends_on(migrate)["postgres"] == "service_healthy"
+    assert migrate["restart"] in ("no", "on-failure"), "a one-shot job must not be restarted once it succeeded"
+    assert migrate["healthcheck"] == {"disable": True}, "migrate serves no /healthz"
+    recorders = _services_with_role(compose, "recorder")
+    assert len(recorders) == 1
+    for recorder in recorders.values():
+        assert _depends_on(recorder)[name] == "service_completed_successfully"
+        assert _env(recorder)["SLUICEGATE_STORE_URL"] == _env(migrate)["SLUICEGATE_STORE_URL"]
 
 
 def test_rabbitmq_service(compose: dict[str, Any], lib: ModuleType) -> None:
@@ -187,7 +219,7 @@ def test_workers_connect_to_every_dispatcher(compose: dict[str, Any]) -> None:
 
 def test_long_running_roles_are_health_checked_like_the_image(compose: dict[str, Any], lib: ModuleType) -> None:
     image_check = lib.dockerfile_stages()[-1].last("HEALTHCHECK").exec_form()
-    for role in ("scheduler", "dispatcher", "worker"):
+    for role in ("scheduler", "dispatcher", "worker", "recorder"):
         for name, svc in _services_with_role(compose, role).items():
             assert svc["healthcheck"]["test"] == ["CMD", *image_check], name
             assert svc.get("read_only") is True, name
@@ -221,7 +253,7 @@ def test_published_ports_bind_to_localhost_only(compose: dict[str, Any]) -> None
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
 
 
-@pytest.mark.parametrize("role", ["scheduler", "dispatcher", "worker"])
+@pytest.mark.parametrize("role", ["scheduler", "dispatcher", "worker", "recorder"])
 def test_prometheus_scrapes_every_sluicegate_process(compose: dict[str, Any], lib: ModuleType, role: str) -> None:
     config = lib.load_yaml_documents(lib.REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml")[0]
     static_hosts: set[str] = set()

@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-PACKAGES = ("sluicegate", "sluicegate_dispatcher", "sluicegate_scheduler")
+PACKAGES = ("sluicegate", "sluicegate_dispatcher", "sluicegate_recorder", "sluicegate_scheduler")
 
 
 def _run(command: list[str | Path], *, env: dict[str, str] | None = None, timeout: float = 240) -> str:
@@ -102,13 +102,15 @@ def image(lib: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Image:
     return built
 
 
-def test_wheel_holds_the_three_packages_and_nothing_else(image: Image) -> None:
+def test_wheel_holds_the_four_packages_and_nothing_else(image: Image) -> None:
     assert image.wheel is not None
     with zipfile.ZipFile(image.wheel) as wheel:
         top_level = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
         entry_points = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
         assert "sluicegate = " in wheel.read(entry_points).decode()
+        migrations = [n for n in wheel.namelist() if n.startswith("sluicegate/store/migrations/")]
     assert top_level == set(PACKAGES)
+    assert "sluicegate/store/migrations/0001_task_records.sql" in migrations, "migrations are package data"
 
 
 def test_entrypoint_help_lists_every_role(image: Image, lib: ModuleType) -> None:
@@ -121,7 +123,9 @@ def test_default_command_help(image: Image) -> None:
     _run([*image.entrypoint(), *image.default_command(), "--help"], env=image.env(), timeout=60)
 
 
-@pytest.mark.parametrize("role", ["scheduler", "dispatcher", "worker", "submit", "demo"])
+@pytest.mark.parametrize(
+    "role", ["scheduler", "dispatcher", "worker", "submit", "demo", "recorder", "migrate", "result", "tasks"]
+)
 def test_role_help(image: Image, role: str) -> None:
     output = _run([*image.entrypoint(), role, "--help"], env=image.env(), timeout=60)
     assert output.strip(), f"`sluicegate {role} --help` printed nothing"

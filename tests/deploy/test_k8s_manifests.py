@@ -28,7 +28,11 @@ NAMESPACES = {"overlays/dev": "sluicegate-dev", "overlays/production": "sluicega
 EXPECTED_IMAGES = {"overlays/dev": "sluicegate:dev", "overlays/production": "registry.example.com/sluicegate:0.1.0"}
 BROKER_NODES = {"overlays/dev": 1, "overlays/production": 3}
 SECRET_NAME = "sluicegate-rabbitmq"
-SLUICEGATE_DEPLOYMENTS = {"sluicegate-scheduler", "sluicegate-dispatcher", "sluicegate-worker"}
+STORE_SECRET_NAME = "sluicegate-store"
+SLUICEGATE_DEPLOYMENTS = {"sluicegate-scheduler", "sluicegate-dispatcher", "sluicegate-worker", "sluicegate-recorder"}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+BROKER_ROLES = {"sluicegate-scheduler", "sluicegate-dispatcher", "sluicegate-recorder", "sluicegate-migrate"}
+STORE_ROLES = {"sluicegate-recorder", "sluicegate-migrate"}
 
 Render = Callable[[Path], list[dict[str, Any]]]
 
@@ -49,6 +53,11 @@ def _objects(render: Render, lib: ModuleType, name: str) -> list[dict[str, Any]]
 
 def _by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == kind}
+
+
+def _workloads(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every object that runs pods, by name."""
+    return {name: obj for kind in WORKLOAD_KINDS for name, obj in _by_kind(objects, kind).items()}
 
 
 def _one_container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -151,16 +160,16 @@ def test_namespace(render_kustomization: Render, lib: ModuleType, overlay: str) 
 
 
 def test_images(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
-    for name, deployment in _by_kind(_objects(render_kustomization, lib, overlay), "Deployment").items():
+    for name, deployment in _workloads(_objects(render_kustomization, lib, overlay)).items():
         image = _one_container(deployment)["image"]
-        if name in SLUICEGATE_DEPLOYMENTS:
+        if name in SLUICEGATE_DEPLOYMENTS | {"sluicegate-migrate"}:
             assert image == EXPECTED_IMAGES[overlay], name
         assert re.search(r":[\w.-]+$", image), f"{name}: pin {image}"
         assert not image.endswith(":latest"), f"{name}: pin {image}"
 
 
 def test_pods_are_locked_down(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
-    for name, deployment in _by_kind(_objects(render_kustomization, lib, overlay), "Deployment").items():
+    for name, deployment in _workloads(_objects(render_kustomization, lib, overlay)).items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod.get("automountServiceAccountToken") is False, name
         assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -182,15 +191,67 @@ def test_broker_url_comes_only_from_the_secret(render_kustomization: Render, lib
     objects = _objects(render_kustomization, lib, overlay)
     for cm in _by_kind(objects, "ConfigMap").values():
         assert not any("amqp" in str(v) for v in cm.get("data", {}).values()), "a broker URL in a ConfigMap"
-    for name, deployment in _by_kind(objects, "Deployment").items():
+    for name, deployment in _workloads(objects).items():
         env = lib.container_env(_one_container(deployment))
         assert not any("amqp" in str(item.get("value", "")) for item in env.values()), name
         url_vars = lib.BROKER_URL_ENV & set(env)
-        if name in {"sluicegate-scheduler", "sluicegate-dispatcher"}:
+        if name in BROKER_ROLES:
             (var,) = url_vars
             assert env[var]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "url"}, name
         else:
             assert not url_vars, f"{name} needs no broker credentials"
+
+
+def test_store_url_comes_only_from_its_secret(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
+    objects = _objects(render_kustomization, lib, overlay)
+    for cm in _by_kind(objects, "ConfigMap").values():
+        assert not any("postgres" in str(v) for v in cm.get("data", {}).values()), "a store URL in a ConfigMap"
+    for name, workload in _workloads(objects).items():
+        env = lib.container_env(_one_container(workload))
+        assert not any("postgres" in str(item.get("value", "")) for item in env.values() if "PASSWORD" in item["name"])
+        if name in STORE_ROLES:
+            assert env["SLUICEGATE_STORE_URL"]["valueFrom"]["secretKeyRef"] == {"name": STORE_SECRET_NAME, "key": "url"}
+        else:
+            assert not lib.STORE_URL_ENV & set(env), f"{name} needs no task store"
+    postgres = lib.container_env(_one_container(_workloads(objects)["sluicegate-postgres"]))
+    assert postgres["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": STORE_SECRET_NAME, "key": "password"}
+
+
+def test_dev_store_secret_matches_the_database(render_kustomization: Render, lib: ModuleType) -> None:
+    objects = _objects(render_kustomization, lib, "overlays/dev")
+    data = _by_kind(objects, "Secret")[STORE_SECRET_NAME]["stringData"]
+    match = re.fullmatch(r"postgresql://([^:]+):([^@]+)@([\w-]+):(\d+)/(\w+)", data["url"])
+    assert match, data["url"]
+    user, password, host, port, database = match.groups()
+    assert password == data["password"]
+    env = lib.container_env(_one_container(_workloads(objects)["sluicegate-postgres"]))
+    assert (user, database) == (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"])
+    service = _by_kind(objects, "Service")[host]
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_the_migration_job_runs_migrate_and_retries(
+    render_kustomization: Render, lib: ModuleType, overlay: str
+) -> None:
+    objects = _objects(render_kustomization, lib, overlay)
+    (job,) = _by_kind(objects, "Job").values()
+    container = _one_container(job)
+    assert container["args"] == ["migrate"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "sluicegate-config"}}]
+    assert set(lib.container_env(container)) <= lib.SLUICEGATE_ENV | lib.OTEL_ENV
+    assert job["spec"]["backoffLimit"] >= 3, "PostgreSQL may still be starting"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0, "a finished Job goes, so the next apply runs migrations again"
+
+
+def test_the_store_keeps_its_data(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
+    (store,) = _by_kind(_objects(render_kustomization, lib, overlay), "StatefulSet").values()
+    (claim,) = store["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in _one_container(store)["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == "/var/lib/postgresql/data"
+    env = lib.container_env(_one_container(store))
+    assert env["PGDATA"]["value"].startswith("/var/lib/postgresql/data/"), "below the mount point (lost+found)"
+    assert re.fullmatch(r"\d+Gi", claim["spec"]["resources"]["requests"]["storage"])
 
 
 def test_dev_secret_serves_both_the_broker_and_the_clients(render_kustomization: Render, lib: ModuleType) -> None:
@@ -209,6 +270,7 @@ def test_dev_secret_serves_both_the_broker_and_the_clients(render_kustomization:
 
 
 def test_production_commits_no_credentials(render_kustomization: Render, lib: ModuleType) -> None:
+    # Neither the broker's nor the store's Secret: both are created out of band.
     assert not _by_kind(_objects(render_kustomization, lib, "overlays/production"), "Secret")
 
 
@@ -282,7 +344,7 @@ def test_scaling_and_disruption_budgets(render_kustomization: Render, lib: Modul
 
 def test_services_select_pods_and_ports(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
     objects = _objects(render_kustomization, lib, overlay)
-    deployments = list(_by_kind(objects, "Deployment").values())
+    deployments = [w for w in _workloads(objects).values() if w["kind"] != "Job"]
     for name, service in _by_kind(objects, "Service").items():
         selector = service["spec"]["selector"]
         chosen = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
@@ -329,10 +391,14 @@ def test_setting_names_exist_in_the_code(
     dispatcher = pytest.importorskip("sluicegate_dispatcher.settings")
     scheduler = pytest.importorskip("sluicegate_scheduler.settings")
     worker = pytest.importorskip("sluicegate.worker")
+    recorder = pytest.importorskip("sluicegate_recorder.settings")
+    store = pytest.importorskip("sluicegate.store.settings")
     classes = {
         "SLUICEGATE_DISPATCHER_": dispatcher.DispatcherSettings,
         "SLUICEGATE_SCHEDULER_": scheduler.SchedulerSettings,
         "SLUICEGATE_WORKER_": worker.WorkerSettings,
+        "SLUICEGATE_RECORDER_": recorder.RecorderSettings,
+        "SLUICEGATE_STORE_": store.StoreSettings,
     }
     names: set[str] = set()
     for svc in compose["services"].values():
@@ -340,8 +406,9 @@ def test_setting_names_exist_in_the_code(
     for overlay in NAMESPACES:
         objects = _objects(render_kustomization, lib, overlay)
         names |= set(_by_kind(objects, "ConfigMap")["sluicegate-config"]["data"])
-        for deployment in _by_kind(objects, "Deployment").values():
-            names |= set(lib.container_env(_one_container(deployment)))
+        for name, workload in _workloads(objects).items():
+            if name != "sluicegate-postgres":  # the image's own variables
+                names |= set(lib.container_env(_one_container(workload)))
     for name in sorted(names):
         for prefix, cls in classes.items():
             if name.startswith(prefix):

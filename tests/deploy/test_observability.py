@@ -11,13 +11,21 @@ from typing import Any
 import pytest
 
 # The metrics every Sluicegate deployment exports (Prometheus naming), by type.
-GAUGES = {"sluicegate_connected_workers", "sluicegate_worker_slots", "sluicegate_leases_in_flight"}
+GAUGES = {
+    "sluicegate_connected_workers",
+    "sluicegate_worker_slots",
+    "sluicegate_leases_in_flight",
+    "sluicegate_recorder_held_messages",
+    "sluicegate_recorder_store_up",
+}
 COUNTERS = {
     "sluicegate_send_lock_timeouts_total",
     "sluicegate_requeues_total",
     "sluicegate_dead_tasks_total",
     "sluicegate_tasks_assigned_total",
     "sluicegate_tasks_completed_total",
+    "sluicegate_lifecycle_events_total",
+    "sluicegate_recorder_events_total",
 }
 HISTOGRAMS = {
     "sluicegate_send_lock_wait_seconds",

@@ -1,4 +1,5 @@
-"""Integration fixtures: a real RabbitMQ (testcontainers with Docker, else RABBITMQ_URL), a unique prefix per test."""
+"""Integration fixtures: a real RabbitMQ (testcontainers with Docker, else RABBITMQ_URL), a unique prefix per
+test, and a PostgreSQL server on which each test that needs a task store gets a database of its own."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import asyncpg
 import pytest
 
 from sluicegate import amqp
@@ -23,6 +26,7 @@ from sluicegate_scheduler.app import Scheduler
 from sluicegate_scheduler.settings import SchedulerSettings
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _docker_available() -> bool:
@@ -46,6 +50,40 @@ def rabbitmq_url() -> Iterator[str]:
     with RabbitMqContainer("rabbitmq:3.13-management") as container:
         params = container.get_connection_params()
         yield f"amqp://guest:guest@{params.host}:{params.port}/"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL server for the session: SLUICEGATE_TEST_POSTGRES_URL, by default the local one.
+
+    The URL names a database the tests may connect to as a user allowed to create databases.
+    """
+    return os.environ.get("SLUICEGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def database_url(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server of `server_url` (same user, host and options)."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def store_url(postgres_url: str) -> AsyncIterator[str]:
+    """A database of this test's own, created empty (no schema) and dropped afterwards."""
+    name = f"sluicegate_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield database_url(postgres_url, name)
+    finally:
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest.fixture

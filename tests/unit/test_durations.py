@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from sluicegate.durations import Duration, PositiveDuration, parse_duration
+from sluicegate.durations import Duration, LongDuration, PositiveDuration, parse_duration
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -115,3 +115,20 @@ def test_thirty_days_is_the_longest_duration() -> None:
         parse_duration("721h")
     with pytest.raises(ValueError, match="out of range"):
         parse_duration(-(31 * 24 * 3600))
+
+
+def test_days_are_a_unit() -> None:
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("1.5d") == timedelta(hours=36)
+
+
+def test_long_durations_reach_ten_years() -> None:
+    adapter = TypeAdapter(LongDuration)
+    assert adapter.validate_python("90d") == timedelta(days=90)
+    assert adapter.validate_python("3650d") == timedelta(days=3650)
+    with pytest.raises(ValidationError, match="out of range"):
+        adapter.validate_python("3651d")
+    with pytest.raises(ValidationError, match="longer than zero"):
+        adapter.validate_python("0d")
+    with pytest.raises(ValueError, match="out of range"):
+        parse_duration("31d")

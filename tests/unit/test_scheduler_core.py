@@ -130,7 +130,9 @@ def test_a_task_nobody_serves_is_parked_not_held_and_its_delivery_is_acked_once_
     assert [e.kind for e in entries] == [Kind.PARK]
     assert core.to_ack == [delivery]
     (lane,) = core.book
-    assert lane.held_bytes == 0 and lane.parked == 1 and lane.depth == 1
+    assert lane.held_bytes == 0
+    assert lane.parked == 1
+    assert lane.depth == 1
 
 
 def test_a_full_worker_parks_what_does_not_fit_and_later_arrivals_queue_behind_it() -> None:
@@ -339,7 +341,8 @@ def test_a_handler_failure_waits_its_backoff_before_the_next_attempt() -> None:
     (entry,) = flush(core)
     assert entry.kind == Kind.DELAY
     assert entry.body.not_before_ms == clock.wall() + 2000
-    assert entry.body.attempt == 2 and entry.body.run_failures == 1
+    assert entry.body.attempt == 2
+    assert entry.body.run_failures == 1
 
 
 def test_out_of_dispatch_attempts_is_dead_and_the_client_hears_once_the_dead_letter_is_confirmed() -> None:
@@ -357,7 +360,8 @@ def test_out_of_dispatch_attempts_is_dead_and_the_client_hears_once_the_dead_let
     assert [e.kind for e in first] == [Kind.DEAD]
     second = flush(core)
     assert [(e.kind, e.body.status) for e in second] == [(Kind.RESULT, messages_pb2.TASK_STATUS_DEAD)]
-    assert core.to_ack == [delivery] and core.stats.dead == 1
+    assert core.to_ack == [delivery]
+    assert core.stats.dead == 1
 
 
 def test_a_waiting_task_past_its_schedule_timeout_expires_and_its_lane_copy_is_dropped() -> None:
@@ -369,13 +373,15 @@ def test_a_waiting_task_past_its_schedule_timeout_expires_and_its_lane_copy_is_d
     clock.now += 1.5
     core.round()
     (result,) = flush(core)
-    assert result.kind == Kind.RESULT and result.body.status == messages_pb2.TASK_STATUS_EXPIRED
+    assert result.kind == Kind.RESULT
+    assert result.body.status == messages_pb2.TASK_STATUS_EXPIRED
     assert "not started within 1000 ms" in result.body.error
     (lane,) = core.book
     copy = amqp.Delivery(object(), 1)
     parked = messages_pb2.Parked(task=task(1, action="nobody", submitted_at_ms=1, schedule_timeout_ms=1000), attempt=1)
     core.take_parked([parked], copy, Origin.LANE, lane)
-    assert core.to_ack[-1] is copy and not lane.held
+    assert core.to_ack[-1] is copy
+    assert not lane.held
 
 
 # Which lanes to read, and memory.

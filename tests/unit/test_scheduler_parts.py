@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sluicegate.errors import InvalidInput
@@ -27,7 +29,7 @@ def test_the_rung_never_overshoots_what_is_left(remaining: int, rung: int | None
 
 def test_rungs_double_from_100_ms() -> None:
     assert RUNGS[0] == 100
-    assert all(b == 2 * a for a, b in zip(RUNGS, RUNGS[1:], strict=False))
+    assert all(b == 2 * a for a, b in itertools.pairwise(RUNGS))
 
 
 # Limits.
@@ -147,7 +149,8 @@ def test_lane_names_are_readable_bounded_and_unique_per_key() -> None:
     assert len(long.queue_name("p" * 63).encode()) <= 255
     a = LaneKey("acme", "resize", 0, fairness_key="k1").queue_name("sg")
     b = LaneKey("acme", "resize", 0, fairness_key="k2").queue_name("sg")
-    assert a != b and a.startswith("sg.lane.acme.resize.p0.keyed.")
+    assert a != b
+    assert a.startswith("sg.lane.acme.resize.p0.keyed.")
     assert LaneKey("acme", "resize", 3).queue_name("sg").startswith("sg.lane.acme.resize.p3.lane.")
 
 

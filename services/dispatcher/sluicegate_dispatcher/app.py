@@ -14,7 +14,7 @@ import grpc
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sluicegate import amqp, telemetry
+from sluicegate import amqp, lifecycle, telemetry
 from sluicegate.errors import (
     InvalidInput,
     PublishError,
@@ -55,6 +55,7 @@ class Dispatcher:
         broker: BrokerSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        lifecycle_settings: lifecycle.LifecycleSettings | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -63,6 +64,9 @@ class Dispatcher:
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics(self)
         self._exchanges = amqp.Exchanges(self.topology)
+        self.lifecycle = lifecycle.LifecycleEmitter(
+            self.topology, "dispatcher", lifecycle_settings, confirm_timeout=broker.confirm_timeout_s
+        )
         self.settler = Settler(
             topology=self.topology,
             broker=broker,
@@ -71,6 +75,7 @@ class Dispatcher:
             stats=self.stats,
             metrics=self.metrics,
             clock=clock,
+            emitter=self.lifecycle,
         )
         self.clock = clock
         self.port = 0
@@ -146,6 +151,7 @@ class Dispatcher:
         self._consumer_tag = await self._inbox.consume(self.forwarder.on_message)
         self._spawn(self._reap(), "reaper")
         self._spawn(self._publish_state(), "state")
+        self._spawn(self.lifecycle.run(self._exchanges.events), "lifecycle")
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "running"
@@ -158,6 +164,8 @@ class Dispatcher:
         self._state = "closing"
         with contextlib.suppress(Exception):
             await self._drain()
+        # Lifecycle events are records, not tasks: they never hold a stop for long.
+        await self.lifecycle.drain(timeout=min(self.broker.confirm_timeout_s, 2.0))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -233,6 +241,11 @@ class Dispatcher:
                 return worker_pb2.EventVerdict.VERDICT_STALE
             if self.sessions.acknowledge(lease):
                 self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
+                self.lifecycle.emit(
+                    lifecycle.assignment_event(
+                        lifecycle.K.KIND_STARTED, lease.payload, worker_id=session.worker_id, dispatcher_id=self.id
+                    )
+                )
             return worker_pb2.EventVerdict.VERDICT_ACCEPTED
         if event.kind not in (Event.KIND_COMPLETED, Event.KIND_FAILED):
             return worker_pb2.EventVerdict.VERDICT_INVALID

@@ -84,3 +84,4 @@ class DispatcherMetrics:
         yield counter("sluicegate_stale_reports", "Reports rejected for attempts no longer held.", stats.stale_reports)
         yield counter("sluicegate_streams_ended", "Streams ended because their worker stalled.", stats.streams_ended)
         yield counter("sluicegate_results_unclaimed", "Results whose client had gone.", stats.results_unclaimed)
+        yield from d.lifecycle.metrics()

@@ -24,7 +24,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import Span, SpanKind
 
-from sluicegate import amqp, telemetry
+from sluicegate import amqp, lifecycle, telemetry
 from sluicegate.errors import PublishError, Unroutable
 from sluicegate.expiry import expired_error
 from sluicegate.reasons import Reason
@@ -96,9 +96,11 @@ class Settler:
         stats: DispatcherStats,
         metrics: DispatcherMetrics,
         clock: Callable[[], float],
+        emitter: lifecycle.LifecycleEmitter,
     ) -> None:
         self.topology, self.broker, self.exchanges = topology, broker, exchanges
         self.sessions, self.stats, self.metrics, self.clock = sessions, stats, metrics, clock
+        self.lifecycle = emitter
 
     # Messages.
 
@@ -320,6 +322,7 @@ class Settler:
                 continue
             for lease, result, _ in group:
                 self._count(lease, result)
+                self.lifecycle.emit(lifecycle.result_event(lease.payload, result))
                 self.sessions.settle(lease.key)
                 await self.item_done(lease.token)
         if failure is not None:

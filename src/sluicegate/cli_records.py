@@ -1,0 +1,139 @@
+"""The task store's commands: `migrate`, `recorder`, `result TASK_ID` and `tasks`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sluicegate import amqp
+from sluicegate.cli import _broker, _observed, _stop_on_signals, _traced
+from sluicegate.durations import parse_long_duration
+from sluicegate.errors import InvalidInput
+from sluicegate.settings import load
+from sluicegate.store import StoreSettings, TaskState, TaskStore, db, schema, show
+from sluicegate.store.reader import MAX_LIMIT, check_task_id
+
+
+def _store() -> StoreSettings:
+    settings = load(StoreSettings)
+    if not settings.configured:
+        raise InvalidInput("no task store is configured: set SLUICEGATE_STORE_URL")
+    return settings
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _store()
+    broker = _broker(args)
+    pool = await db.create_pool(settings, max_size=1)
+    try:
+        await db.wait_until_reachable(pool, settings)
+        async with pool.acquire() as connection:
+            applied = await schema.migrate(connection)
+            version = await schema.current_version(connection)
+    except db.STORE_ERRORS as err:
+        raise db.translate(err) from err
+    finally:
+        pool.terminate()
+    if applied:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+        print(f"task store schema at version {version} (applied {names})")
+    else:
+        print(f"task store schema is up to date (version {version})")
+    broker_connection = await amqp.connect_broker(broker)
+    async with broker_connection:
+        channel = await broker_connection.channel()
+        await amqp.declare_lifecycle_queue(channel, amqp.Topology(broker.prefix))
+    print(f"lifecycle events are kept in {amqp.Topology(broker.prefix).lifecycle}")
+    return 0
+
+
+@_traced("recorder")
+async def cmd_recorder(args: argparse.Namespace) -> int:
+    from sluicegate_recorder.app import Recorder
+    from sluicegate_recorder.settings import RecorderSettings
+
+    settings = load(RecorderSettings, retention=args.retention)
+    recorder = Recorder(settings, _store(), _broker(args))
+    stop = _stop_on_signals()
+    async with recorder, _observed(recorder.metrics.registry, lambda: recorder.ready):
+        await recorder.serve(stop)
+    return 0
+
+
+def _number(text: str | None, flag: str, kind: type[int] | type[float]) -> float | None:
+    """A flag's number, parsed here (not by argparse) so that a bad one is one line and exit 2."""
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise InvalidInput(f"{flag} must be a {'whole ' if kind is int else ''}number") from err
+
+
+async def cmd_result(args: argparse.Namespace) -> int:
+    check_task_id(args.task_id)
+    timeout = _number(args.timeout, "--timeout", float)
+    if timeout is not None and not 0 < timeout < 1e9:
+        raise InvalidInput("--timeout must be more than zero seconds")
+    async with TaskStore(_store()) as store:
+        if args.wait:
+            try:
+                record = await store.wait(args.task_id, timeout)
+            except TimeoutError:
+                print(f"sluicegate: task {args.task_id} did not finish within {timeout:g}s", file=sys.stderr)
+                return 1
+        else:
+            found = await store.get(args.task_id)
+            if found is None:
+                print(f"sluicegate: the task store has no record of task {args.task_id}", file=sys.stderr)
+                return 1
+            record = found
+    print(json.dumps(record.to_json(), indent=2) if args.json else show.render(record))
+    return 0 if not args.wait or record.status == TaskState.COMPLETED else 1
+
+
+async def cmd_tasks(args: argparse.Namespace) -> int:
+    limit = int(_number(args.limit, "--limit", int) or 0)
+    if args.status is not None and args.status not in {s.value for s in TaskState}:
+        raise InvalidInput(f"--status must be one of {', '.join(s.value for s in TaskState)}")
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_long_duration(args.since)
+        except ValueError as err:
+            raise InvalidInput(f"--since: {err}") from err
+    async with TaskStore(_store()) as store:
+        records = await store.find(status=args.status, action=args.action, tenant=args.tenant, since=since, limit=limit)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+    elif records:
+        print(show.table(records))
+    else:
+        print("no task records match", file=sys.stderr)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("migrate", help="bring the task store's schema up to date and declare the recorder's queue")
+    p.set_defaults(run=cmd_migrate)
+
+    p = commands.add_parser("recorder", help="record lifecycle events into the task store (SLUICEGATE_STORE_URL)")
+    p.add_argument("--retention", help="keep records unchanged for this long, e.g. 7d (default 7d)")
+    p.set_defaults(run=cmd_recorder)
+
+    p = commands.add_parser("result", help="show a task's record from the task store")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--wait", action="store_true", help="wait until the task has finished; exit 1 unless completed")
+    p.add_argument("--timeout", help="seconds to wait with --wait (default: no limit)")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(run=cmd_result)
+
+    p = commands.add_parser("tasks", help="list task records, most recently changed first")
+    p.add_argument("--status", help=f"only tasks in this state: {', '.join(s.value for s in TaskState)}")
+    p.add_argument("--action", help="only tasks of this action")
+    p.add_argument("--tenant", help="only tasks of this tenant")
+    p.add_argument("--since", help="only tasks whose record changed within this long, e.g. 30m, 1h, 7d")
+    p.add_argument("--limit", default="50", help=f"at most this many (1 to {MAX_LIMIT}; default 50)")
+    p.add_argument("--json", action="store_true", help="print the records as a JSON array")
+    p.set_defaults(run=cmd_tasks)

@@ -1,0 +1,120 @@
+"""Task records end to end: tasks run through the real pipeline are found from another client, by id."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sluicegate.client import Client
+from sluicegate.settings import BrokerSettings
+from sluicegate.store import StoreSettings, TaskRecord, TaskState
+from sluicegate.v1 import messages_pb2
+
+from .conftest import Stack, eventually
+from .store_helpers import migrate, recorder
+
+pytestmark = pytest.mark.timeout(90)
+
+COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
+
+
+@pytest.fixture
+async def store(store_url: str) -> StoreSettings:
+    return await migrate(store_url)
+
+
+@pytest.fixture
+async def recording(store: StoreSettings, broker: BrokerSettings) -> AsyncIterator[None]:
+    async with recorder(store, broker):
+        yield
+
+
+async def _finished_record(client: Client, task_id: str) -> TaskRecord:
+    found: list[TaskRecord] = []
+
+    async def check() -> bool:
+        record = await client.get(task_id)
+        if record is not None and record.terminal:
+            found.append(record)
+        return bool(found)
+
+    for _ in range(200):
+        if await check():
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} has no terminal record")
+
+
+async def test_a_task_run_here_is_found_from_another_client(
+    stack: Stack, store: StoreSettings, recording: None
+) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    await stack.start_worker(dispatcher, "w1")
+    await stack.wait_workers_known(1)
+    producer = await stack.client()
+
+    ok = await producer.submit("echo", {"hello": "world"})
+    bad = await producer.submit("fail", b"", max_retries=0)
+    assert (await producer.result(ok, timeout=20)).status == COMPLETED
+    assert (await producer.result(bad, timeout=20)).status == messages_pb2.TASK_STATUS_FAILED
+
+    other = Client(stack.broker, store=store)  # another process would do the same; it submits nothing
+    try:
+        record = await _finished_record(other, ok)
+        assert record.status == TaskState.COMPLETED
+        assert (record.action, record.tenant, record.worker_id) == ("echo", "default", "w1")
+        assert record.dispatcher_id == dispatcher.id
+        assert record.attempts == 1
+        assert record.output == b'{"hello": "world"}'
+        kinds = [h.kind for h in record.history]
+        assert {"started", "completed"} <= set(kinds), kinds
+        assert kinds.index("started") < kinds.index("completed")
+        assert record.started_at is not None
+        assert record.finished_at is not None
+        assert record.started_at <= record.finished_at
+
+        failed = await _finished_record(other, bad)
+        assert failed.status == TaskState.FAILED
+        assert "failed on purpose" in failed.error
+
+        result = await other.result(ok, timeout=5)  # not submitted by `other`: from the store
+        assert (result.status, result.output, result.worker_id) == (COMPLETED, b'{"hello": "world"}', "w1")
+    finally:
+        await other.close()
+    await eventually(lambda: dispatcher.lifecycle.published >= 4 and dispatcher.lifecycle.buffered == 0)
+
+
+async def test_a_result_is_found_after_the_submitting_client_is_gone(
+    stack: Stack, store: StoreSettings, recording: None
+) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    await stack.start_worker(dispatcher, "w1")
+    await stack.wait_workers_known(1)
+
+    async with Client(stack.broker, store=store) as gone:  # like `sluicegate submit --no-wait`
+        task_id = await gone.submit("sleep", {"seconds": 0.5})
+
+    restarted = Client(stack.broker, store=store)
+    try:
+        result = await restarted.result(task_id, timeout=20)  # waits for the terminal record
+    finally:
+        await restarted.close()
+    assert result.status == COMPLETED
+    assert result.output == b'{"seconds": 0.5}'
+    await eventually(lambda: dispatcher.stats.results_unclaimed == 1)
+
+
+async def test_without_a_store_the_pipeline_works_as_before(stack: Stack) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    await stack.start_worker(dispatcher, "w1")
+    await stack.wait_workers_known(1)
+    client = Client(stack.broker, store=StoreSettings())
+    async with client:
+        outputs = await asyncio.gather(*(client.run("echo", f"x{n}") for n in range(20)))
+    assert outputs == [f"x{n}".encode() for n in range(20)]
+    await eventually(lambda: dispatcher.lifecycle.published == 40, timeout=5)  # no recorder bound: dropped
