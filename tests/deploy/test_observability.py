@@ -17,6 +17,9 @@ GAUGES = {
     "sluicegate_leases_in_flight",
     "sluicegate_recorder_held_messages",
     "sluicegate_recorder_store_up",
+    "sluicegate_lane_depth",
+    "sluicegate_lane_oldest_seconds",
+    "sluicegate_waiting_tasks",
 }
 COUNTERS = {
     "sluicegate_send_lock_timeouts_total",

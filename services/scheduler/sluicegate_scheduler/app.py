@@ -22,7 +22,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 
-from sluicegate import amqp
+from sluicegate import amqp, lifecycle
 from sluicegate.errors import PublishError
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
@@ -79,6 +79,10 @@ class Scheduler:
         self.topology = amqp.Topology(broker.prefix)
         self.instance_id = uuid.uuid4().hex[:12]
         self.core = Core(core_config(settings, broker.prefix), clock=clock)
+        self.lifecycle = lifecycle.LifecycleEmitter(
+            self.topology, "scheduler", confirm_timeout=broker.confirm_timeout_s
+        )
+        self.core.on_event = self.lifecycle.emit
         self.pool = self.core.pool
         self.stats = self.core.stats
         self.clock = clock
@@ -124,6 +128,9 @@ class Scheduler:
         if self._state in ("closing", "closed"):
             return
         self._state = "closing"
+        if self.leading.is_set():
+            with contextlib.suppress(Exception):
+                await self.lifecycle.drain(timeout=min(self.broker.confirm_timeout_s, 2.0))
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(BaseException):
@@ -206,6 +213,7 @@ class Scheduler:
         await amqp.publish(channel.default_exchange, self.topology.leader, self.instance_id.encode())
         async with asyncio.TaskGroup() as group:
             group.create_task(self._rotate_lock(channel), name="scheduler-lock")
+            group.create_task(self.lifecycle.run(exchanges.events), name="scheduler-lifecycle")
             waiting: asyncio.Future[Any] = group.create_task(self.leading.wait())
             await asyncio.wait([waiting, lost], return_when=asyncio.FIRST_COMPLETED)
             if lost.done():

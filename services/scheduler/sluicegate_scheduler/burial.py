@@ -8,7 +8,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from sluicegate import telemetry
+from sluicegate import lifecycle, telemetry
 from sluicegate.expiry import expired_error
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
@@ -25,6 +25,7 @@ DEAD, REJECTED, EXPIRED = (
     messages_pb2.TASK_STATUS_EXPIRED,
 )
 SPAN_NAMES = {DEAD: "dead", REJECTED: "reject", EXPIRED: "expire"}
+K = messages_pb2.LifecycleEvent
 
 
 class Burial:
@@ -34,8 +35,16 @@ class Burial:
     task, its result; a result to a client that is gone counts as done too.
     """
 
-    def __init__(self, outbox: Outbox, ledger: Ledger, stats: SchedulerStats, wall: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        ledger: Ledger,
+        stats: SchedulerStats,
+        wall: Callable[[], int],
+        on_event: Callable[[messages_pb2.LifecycleEvent], None],
+    ) -> None:
         self.outbox, self.ledger, self.stats, self.wall = outbox, ledger, stats, wall
+        self.on_event = on_event
         self.done: Callable[[Any], None] = lambda _source: None  # set by the core
 
     def bury(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> None:
@@ -64,7 +73,7 @@ class Burial:
             self.ledger.buried(item.key)
             self.done(item.source)
         else:
-            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, item, result.ByteSize()))
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, item, result.ByteSize(), extra=task))
 
     def expire_parked(self, task: messages_pb2.Task, attempt: int) -> None:
         """A task parked in a lane passed its deadline: end it now; its lane's copy is dropped later."""
@@ -72,7 +81,7 @@ class Burial:
         self.stats.expired += 1
         result = self._result(task, EXPIRED, [self._expiry(task, attempt)], attempt)
         if result is not None:
-            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, None, result.ByteSize()))
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, None, result.ByteSize(), extra=task))
 
     def _expiry(self, task: messages_pb2.Task, attempt: int) -> messages_pb2.Requeue:
         return messages_pb2.Requeue(
@@ -80,6 +89,21 @@ class Burial:
             detail=expired_error(task),
             attempt=attempt,
             at_ms=self.wall(),
+        )
+
+    def _record(self, result: messages_pb2.TaskResult, task: messages_pb2.Task) -> None:
+        """The terminal event for the recorder, once the client's result (or the dead letter) is confirmed."""
+        kind = {DEAD: K.KIND_DEAD, REJECTED: K.KIND_REJECTED, EXPIRED: K.KIND_EXPIRED}.get(result.status)
+        if kind is not None:
+            event = lifecycle.task_event(
+                kind, task, attempt=result.attempt, error=result.error, at_ms=result.finished_at_ms or self.wall()
+            )
+            self.on_event(event)
+
+    def _result_of(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> messages_pb2.TaskResult:
+        reasons = "; ".join(f"{r.reason}: {r.detail}" if r.detail else r.reason for r in item.history[-5:])
+        return messages_pb2.TaskResult(
+            task_id=item.task.task_id, status=status, error=reasons, attempt=max(0, item.attempt - 1)
         )
 
     def _trace(self, item: Pending, status: messages_pb2.TaskStatus.ValueType) -> messages_pb2.Task:
@@ -119,6 +143,8 @@ class Burial:
 
     def confirmed(self, batch: Sequence[Entry], done: Callable[[Any], None]) -> None:
         for entry in batch:
+            if entry.kind == Kind.RESULT:
+                self._record(entry.body, entry.extra)
             if entry.item is None:
                 continue
             self.ledger.buried(entry.item.key)
@@ -126,5 +152,7 @@ class Burial:
                 status, result = entry.extra
                 self.stats.dead += status == DEAD
                 if result is not None:
-                    self.outbox.add(Entry(Kind.RESULT, entry.item.task.reply_to, result, None))
+                    self.outbox.add(Entry(Kind.RESULT, entry.item.task.reply_to, result, None, extra=entry.item.task))
+                else:
+                    self._record(self._result_of(entry.item, status), task=entry.item.task)
             done(entry.item.source)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sluicegate import amqp, retry
+from sluicegate import amqp, lifecycle, retry
 from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
@@ -79,7 +79,9 @@ class Core:
         self.outbox = Outbox(max_items=config.max_batch)
         self.stats = SchedulerStats()
         self.to_ack: list[amqp.Delivery] = []  # deliveries whose every item found its fate
-        self.burial = Burial(self.outbox, self.ledger, self.stats, wall)
+        # Lifecycle events for whoever records task histories; nothing waits for them.
+        self.on_event: Callable[[messages_pb2.LifecycleEvent], None] = lambda _event: None
+        self.burial = Burial(self.outbox, self.ledger, self.stats, wall, lambda event: self.on_event(event))
         self.burial.done = self.done
         self.placement = Placement(self, config)
         self._arrivals: list[Pending] = []  # held only until the end of the round they came in
@@ -111,6 +113,7 @@ class Core:
                 self.burial.bury(item, messages_pb2.TASK_STATUS_REJECTED)
                 continue
             item.not_before_ms = task.run_at_ms
+            self.on_event(lifecycle.task_event(K.KIND_SUBMITTED, _light(task), at_ms=self.wall(), include_task=True))
             self._admit(item)
 
     def take_requeued(
@@ -146,6 +149,12 @@ class Core:
                 self.stats.duplicate_requeues += 1
                 continue
             self.stats.requeued[reason.value] += 1
+            last = history[-1] if history else None
+            self.on_event(
+                lifecycle.assignment_event(
+                    K.KIND_REQUEUED, a, reason=reason.value, detail=last.detail if last else "", at_ms=self.wall()
+                )
+            )
             if reason in STALL_REASONS and a.worker_id:
                 self.pool.cool_down(a.worker_id, self.clock(), self.config.worker_cooldown)
             if reason == Reason.INVALID or item.dispatch_failures >= self.config.max_dispatch_attempts:
@@ -366,18 +375,25 @@ class Core:
             items = [e.item for e in batch if e.item is not None]
             if lane is not None:
                 lane.park_confirmed(len(items))
+            why = self.placement.blocked.get(destination, "busy")
+            if lane is not None and not self.pool.serves(lane.key.tenant, lane.key.action):
+                why = "no_worker"
             for item in items:
-                self._parked(item)
+                self._parked(item, why)
         elif kind == Kind.DELAY:
             self.delayed += len(batch)
             for entry in batch:
                 if entry.item is not None:
-                    self._parked(entry.item)
+                    self._parked(entry.item, "backoff" if entry.item.run_failures else "delayed")
         else:
             self.burial.confirmed(batch, self.done)
 
-    def _parked(self, item: Pending) -> None:
+    def _parked(self, item: Pending, why: str) -> None:
         """Its park is confirmed: its delivery may go. (It counts as parked since the publish.)"""
+        if item.origin != Origin.LANE:
+            self.on_event(
+                lifecycle.task_event(K.KIND_WAITING, item.task, attempt=item.attempt - 1, reason=why, at_ms=self.wall())
+            )
         self.ledger.watch(item.key, item.deadline_ms)
         if item.deadline_ms:
             self._watched[item.key] = _without_payload(item.task)
@@ -431,6 +447,14 @@ def reason_of(history: Iterable[messages_pb2.Requeue]) -> Reason:
         return Reason(last.reason)
     except ValueError:
         return Reason.LEASE_EXPIRED
+
+
+K = messages_pb2.LifecycleEvent
+RECORDED_PAYLOAD = 64 * 1024  # a larger payload is left out of the SUBMITTED event (the task is in its queue)
+
+
+def _light(task: messages_pb2.Task) -> messages_pb2.Task:
+    return task if len(task.payload) <= RECORDED_PAYLOAD else _without_payload(task)
 
 
 def _without_payload(task: messages_pb2.Task) -> messages_pb2.Task:

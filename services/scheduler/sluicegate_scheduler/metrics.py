@@ -86,3 +86,4 @@ class SchedulerMetrics:
         for reason in ("no_worker", "at_limit", "busy", "delayed"):
             reasons.add_metric([reason], waiting[reason])
         yield reasons
+        yield from s.lifecycle.metrics()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span, SpanKind
 
-from sluicegate import telemetry
+from sluicegate import lifecycle, telemetry
 from sluicegate.v1 import messages_pb2
 from sluicegate_scheduler.assignment import KeyScope, WorkerView
 from sluicegate_scheduler.items import Pending
@@ -26,6 +26,8 @@ from sluicegate_scheduler.outbox import Entry, Kind
 
 if TYPE_CHECKING:
     from sluicegate_scheduler.core import Config, Core
+
+K = messages_pb2.LifecycleEvent
 
 
 class Placement:
@@ -164,6 +166,7 @@ class Placement:
         for entry in batch:
             _, _, span = entry.extra
             span.end()
+            core.on_event(lifecycle.assignment_event(K.KIND_ASSIGNED, entry.body, at_ms=core.wall()))
             if entry.item is not None:
                 core.ledger.placed(entry.item.key)
                 core.done(entry.item.source)

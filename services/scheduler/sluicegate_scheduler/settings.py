@@ -30,7 +30,7 @@ class SchedulerSettings(BaseSettings):
         le=10_000,
         description="Task messages read ahead per intake queue (times the tenant's weight).",
     )
-    lane_prefetch: int = Field(default=2, ge=1, le=1000, description="Parked messages read ahead per lane.")
+    lane_prefetch: int = Field(default=8, ge=1, le=1000, description="Parked messages read ahead per lane.")
     requeue_prefetch: int = Field(default=512, ge=1, le=65535, description="Requeued messages read ahead.")
     dispatcher_stale_after: PositiveDuration = Field(
         default=timedelta(seconds=5), description="A dispatcher silent this long is taken out of the view."
