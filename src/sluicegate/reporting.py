@@ -1,15 +1,22 @@
-"""Worker-side reporting: receipts and task events sent to the dispatcher in batches, with backoff."""
+"""Worker-side reporting: receipts and task events sent on the session stream, each answered by a verdict.
+
+Events go out by group commit: whatever is queued when the writer is free goes in one message, so
+a receipt never waits behind a timer and, under load, many events share a write. Every event waits
+for its verdict; one that was sent on a stream that then broke is sent again on the next stream of
+the same session (the dispatcher answers a repeat as it answered the first).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from typing import Any
 
-import grpc
-
-from sluicegate.v1 import worker_pb2, worker_pb2_grpc
+from sluicegate.v1 import worker_pb2
 
 Verdict = worker_pb2.EventVerdict
+Key = tuple[str, int]
 
 
 class SessionLost(Exception):
@@ -31,33 +38,39 @@ class Backoff:
 
 
 class Reporter:
-    """Sends events of one session in batches; each caller awaits its own verdict."""
+    """The events of one session and their verdicts; `pump` writes them to the current stream."""
 
     MAX_EVENTS = 1000
-    MAX_IN_FLIGHT = 2
 
-    def __init__(
-        self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, worker_id: str, session_id: str, max_bytes: int
-    ) -> None:
-        self._stub, self._worker_id, self._session_id = stub, worker_id, session_id
+    def __init__(self, max_bytes: int, heartbeat: float) -> None:
         self._max_bytes = max_bytes
-        self._in_flight = asyncio.Semaphore(self.MAX_IN_FLIGHT)
-        self._queue: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = []
+        self._heartbeat = heartbeat
+        self._queue: list[worker_pb2.TaskEvent] = []
+        self._waiting: dict[Key, tuple[worker_pb2.TaskEvent, asyncio.Future[int]]] = {}
         self._wake = asyncio.Event()
         self.lost = False
+        self.sent = 0
 
     async def report(self, event: worker_pb2.TaskEvent) -> int:
+        """Send an event; returns the dispatcher's verdict on it (STALE if the session is lost)."""
         if self.lost:
             return Verdict.VERDICT_STALE
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((event, future))
+        self._waiting[(event.task_id, event.attempt)] = (event, future)
+        self._queue.append(event)
         self._wake.set()
         return await future
 
-    def _take_batch(self) -> list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]:
-        """The oldest events that fit in one request (at least one): outputs can be large."""
+    def answered(self, verdicts: Any) -> None:
+        for verdict in verdicts:
+            waiting = self._waiting.pop((verdict.task_id, verdict.attempt), None)
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_result(verdict.verdict)
+
+    def _take(self) -> list[worker_pb2.TaskEvent]:
+        """The oldest events that fit one message (one at least): outputs can be large."""
         size, count = 0, 0
-        for event, _ in self._queue[: self.MAX_EVENTS]:
+        for event in self._queue[: self.MAX_EVENTS]:
             size += event.ByteSize() + 8
             if count and size > self._max_bytes:
                 break
@@ -65,53 +78,28 @@ class Reporter:
         batch, self._queue = self._queue[:count], self._queue[count:]
         return batch
 
+    async def pump(self, call: Any) -> None:
+        """Write queued events to `call` as they come, and a heartbeat when nothing else went for a while."""
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._heartbeat):
+                        await self._wake.wait()
+            batch = self._take()
+            await call.write(worker_pb2.WorkerMessage(events=batch))
+            self.sent += len(batch)
+
+    def stream_ended(self) -> None:
+        """Events sent on a stream that broke go again on the next one, in their order."""
+        queued = {id(e) for e in self._queue}
+        again = [event for event, future in self._waiting.values() if not future.done() and id(event) not in queued]
+        self._queue = again + self._queue
+
     def fail_all(self) -> None:
         self.lost = True
-        for _, future in self._queue:
+        for _, future in self._waiting.values():
             if not future.done():
                 future.set_result(Verdict.VERDICT_STALE)
+        self._waiting.clear()
         self._queue.clear()
-
-    async def run(self) -> None:
-        """Send queued events, several requests in flight so receipts never wait behind results."""
-        async with asyncio.TaskGroup() as group:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    await self._in_flight.acquire()
-                    group.create_task(self._send(self._take_batch()))
-
-    async def _send(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
-        try:
-            await self._send_until_answered(batch)
-        finally:
-            self._in_flight.release()
-
-    async def _send_until_answered(self, batch: list[tuple[worker_pb2.TaskEvent, asyncio.Future[int]]]) -> None:
-        backoff = Backoff()
-        request = worker_pb2.ReportRequest(
-            worker_id=self._worker_id, session_id=self._session_id, events=[e for e, _ in batch]
-        )
-        while True:
-            try:
-                response = await self._stub.Report(request, timeout=30)
-            except grpc.aio.AioRpcError as err:
-                # Refused as such (too large, malformed): retrying the same batch cannot help.
-                refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if err.code() == grpc.StatusCode.NOT_FOUND or err.code() in refused:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(Verdict.VERDICT_STALE)
-                    if err.code() == grpc.StatusCode.NOT_FOUND:
-                        self.fail_all()
-                        raise SessionLost from err
-                    return
-                if self.lost:
-                    return
-                await asyncio.sleep(backoff.next())  # unavailable for now: the same events again
-                continue
-            for (_, future), verdict in zip(batch, response.verdicts, strict=False):
-                if not future.done():
-                    future.set_result(verdict.verdict)
-            return

@@ -121,12 +121,10 @@ def task_attributes(task_id: str, attempt: int | None = None, **extra: Any) -> d
 
 
 def grpc_filter() -> Any:
-    """Trace every RPC but the long-lived stream, heartbeats and health checks."""
+    """Trace every RPC but the long-lived session stream and health checks (a task's spans trace its hops)."""
     from opentelemetry.instrumentation.grpc import filters
 
-    return filters.negate(
-        filters.any_of(filters.method_name("Listen"), filters.method_name("Heartbeat"), filters.health_check())
-    )
+    return filters.negate(filters.any_of(filters.method_name("Session"), filters.health_check()))
 
 
 def grpc_server_interceptors() -> Sequence[Any]:

@@ -33,6 +33,8 @@ def grpc_options(
     ]
     if server:
         options += [
+            # On by default in grpc: a second server on a taken port would bind silently and share it.
+            ("grpc.so_reuseport", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", max(100, keepalive_ms // 2)),
             ("grpc.http2.min_time_between_pings_ms", max(100, keepalive_ms // 2)),
         ]

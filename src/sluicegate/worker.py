@@ -31,6 +31,8 @@ __all__ = ["TaskContext", "Worker", "WorkerSettings"]
 log = logging.getLogger(__name__)
 
 Event = worker_pb2.TaskEvent
+# How a stream's end shows on the worker's side; its status says what became of it.
+STREAM_ENDINGS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 Verdict = worker_pb2.EventVerdict
 Key = tuple[str, int]
 
@@ -239,15 +241,15 @@ class Worker:
             )
             self.worker_id = reply.worker_id
             self.stats.registrations += 1
-            reporter = Reporter(stub, reply.worker_id, reply.session_id, s.max_payload_bytes)
             interval = reply.heartbeat_interval_ms / 1000 or s.heartbeat_interval.total_seconds()
+            reporter = Reporter(s.max_payload_bytes, interval)
             backoff.reset()
+            if not self.registered.is_set():
+                log.info("worker %s registered with dispatcher %s at %s", self.worker_id, reply.dispatcher_id, address)
             self.registered.set()
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(reporter.run())
-                    group.create_task(self._heartbeat(stub, reply.session_id, interval))
-                    group.create_task(self._listen(stub, reply.session_id, reporter))
+                    group.create_task(self._session(stub, reply.session_id, reporter))
                     group.create_task(self._until_stopped())
             except* _Stopped:
                 pass
@@ -265,46 +267,65 @@ class Worker:
             await asyncio.wait(list(self._running.values()), timeout=deadline - loop.time())
         raise _Stopped
 
-    async def _heartbeat(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, interval: float) -> None:
-        request = worker_pb2.HeartbeatRequest(worker_id=self.worker_id, session_id=session_id)
-        while True:
-            try:
-                await stub.Heartbeat(request, timeout=max(interval, 1.0))
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    raise SessionLost from err
-            await asyncio.sleep(interval)
-
-    async def _listen(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:
+    async def _session(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:
+        """The session's stream, opened again (same session) when it ends, until the session is lost."""
         backoff = Backoff(cap=1.0)
-        request = worker_pb2.ListenRequest(worker_id=self.worker_id, session_id=session_id)
-        unavailable = 0  # Listen calls in a row that ended UNAVAILABLE without a single message
+        hello = worker_pb2.WorkerMessage(worker_id=self.worker_id, session_id=session_id)
+        unavailable = 0  # streams in a row that ended UNAVAILABLE without a single message
         while True:
-            call = stub.Listen(request)
+            call = stub.Session()  # type: ignore[call-arg]  # written to, not fed an iterator
+            heard = [False]
+            tasks: list[asyncio.Task[None]] = []
             try:
-                async for message in call:
-                    backoff.reset()
-                    unavailable = 0
-                    await self._reading.wait()
-                    for control in message.controls:
-                        if control.kind == worker_pb2.Control.KIND_RECONNECT:
-                            raise SessionLost(control.reason or "dispatcher asked to reconnect")
-                        running = self._running.get((control.task_id, control.attempt))
-                        if control.kind == worker_pb2.Control.KIND_CANCEL and running is not None:
-                            running.cancel()
-                    for assignment in message.assignments:
-                        self._accept(assignment, reporter)
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    raise SessionLost from err
-                unavailable += err.code() == grpc.StatusCode.UNAVAILABLE
-                if unavailable >= 3:
-                    # A dead dispatcher never answers NOT_FOUND: without this the worker would retry
-                    # it forever instead of registering with the next address it was given.
-                    raise SessionLost(f"dispatcher unreachable ({_why(err)})") from err
-                log.debug("stream from dispatcher ended: %s", _why(err))
+                await call.write(hello)
+                # Reading and writing end together: a write that fails means the stream is gone.
+                tasks = [
+                    asyncio.create_task(self._read(call, reporter, heard)),
+                    asyncio.create_task(reporter.pump(call)),
+                ]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    failure = task.exception()
+                    if failure is not None and not isinstance(failure, STREAM_ENDINGS):
+                        raise failure  # a reconnect asked for, or a bug: not the stream's end
+            except STREAM_ENDINGS:
+                pass
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                call.cancel()
+                reporter.stream_ended()
+            code = await call.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise SessionLost("the dispatcher no longer knows this session")
+            unavailable = 0 if heard[0] else unavailable + (code == grpc.StatusCode.UNAVAILABLE)
+            if unavailable >= 3:
+                # A dead dispatcher never answers NOT_FOUND: without this the worker would retry
+                # it forever instead of registering with the next address it was given.
+                raise SessionLost(f"dispatcher unreachable ({code.name}: {await call.details()})")
+            if heard[0]:
+                backoff.reset()
+            log.debug("stream from dispatcher ended: %s", code.name)
             self.stats.reconnects += 1
             await asyncio.sleep(backoff.next())
+
+    async def _read(self, call: Any, reporter: Reporter, heard: list[bool]) -> None:
+        async for message in call:
+            heard[0] = True
+            await self._reading.wait()
+            self._on_message(message, reporter)
+
+    def _on_message(self, message: worker_pb2.ServerMessage, reporter: Reporter) -> None:
+        reporter.answered(message.verdicts)
+        for control in message.controls:
+            if control.kind == worker_pb2.Control.KIND_RECONNECT:
+                raise SessionLost(control.reason or "dispatcher asked to reconnect")
+            running = self._running.get((control.task_id, control.attempt))
+            if control.kind == worker_pb2.Control.KIND_CANCEL and running is not None:
+                running.cancel()
+        for assignment in message.assignments:
+            self._accept(assignment, reporter)
 
     def _accept(self, assignment: messages_pb2.Assignment, reporter: Reporter) -> None:
         key = (assignment.task.task_id, assignment.attempt)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from typing import Any
 
 import aio_pika
 import grpc
@@ -128,30 +129,41 @@ async def test_grpc_edge_answers_bad_requests_with_status_codes(stack: Stack) ->
             assert "Traceback" not in (caught.value.details() or "")
 
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="w", session_id="nope"))
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in stub.Listen(worker_pb2.ListenRequest(worker_id="w", session_id="nope")):
-                pass
+            await _session(stub, worker_pb2.WorkerMessage(worker_id="w", session_id="nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
         reply = await stub.Register(worker_pb2.RegisterRequest(worker_id="w", actions=["echo"], slots=1))
+        hello = worker_pb2.WorkerMessage(worker_id="w", session_id=reply.session_id)
         events = [
             worker_pb2.TaskEvent(task_id="", attempt=1, kind=worker_pb2.TaskEvent.KIND_COMPLETED),
             worker_pb2.TaskEvent(task_id="t", attempt=0, kind=worker_pb2.TaskEvent.KIND_COMPLETED),
             worker_pb2.TaskEvent(task_id="t", attempt=7, kind=worker_pb2.TaskEvent.KIND_COMPLETED),
         ]
-        response = await stub.Report(
-            worker_pb2.ReportRequest(worker_id="w", session_id=reply.session_id, events=events)
-        )
-        verdicts = [v.verdict for v in response.verdicts]
+        answer = await _session(stub, hello, worker_pb2.WorkerMessage(events=events))
+        verdicts = [v.verdict for v in answer.verdicts]
         invalid, stale = worker_pb2.EventVerdict.VERDICT_INVALID, worker_pb2.EventVerdict.VERDICT_STALE
         assert verdicts == [invalid, invalid, stale], "a report for an attempt not held is rejected"
 
         huge = worker_pb2.TaskEvent(task_id="t", attempt=1, output=bytes(2 * 1024 * 1024))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Report(worker_pb2.ReportRequest(worker_id="w", session_id=reply.session_id, events=[huge]))
+            await _session(stub, hello, worker_pb2.WorkerMessage(events=[huge]))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def _session(stub: Any, *messages: worker_pb2.WorkerMessage) -> worker_pb2.ServerMessage:
+    """Open a session stream, send `messages`, and return the first answer (or raise the stream's error)."""
+    call = stub.Session()
+    try:
+        for message in messages:
+            await call.write(message)
+        async with asyncio.timeout(10):
+            answer = await call.read()
+        if answer is grpc.aio.EOF:
+            await call.code()
+            raise AssertionError("the stream ended without an answer")
+        return answer  # type: ignore[no-any-return]
+    finally:
+        call.cancel()
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

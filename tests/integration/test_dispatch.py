@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aio_pika
 
@@ -14,6 +15,10 @@ from sluicegate.worker import TaskContext, Worker
 from .conftest import Stack, eventually
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
+
+
+async def _echo(ctx: TaskContext) -> bytes:
+    return ctx.payload
 
 
 async def test_thousand_tasks_over_five_workers_complete_exactly_once(stack: Stack) -> None:
@@ -65,11 +70,19 @@ async def test_task_waits_for_a_worker_that_serves_its_action(stack: Stack) -> N
     assert result.worker_id == "shouter"
 
 
+class NeverAcknowledges(Worker):
+    """Reads its stream and stays connected, but never acknowledges an assignment."""
+
+    def _accept(self, assignment: messages_pb2.Assignment, reporter: Any) -> None:
+        self.stats.received += 1
+
+
 async def test_undeliverable_task_ends_in_dead_with_every_reason(stack: Stack) -> None:
     scheduler = await stack.start_scheduler(max_dispatch_attempts=3)
     dispatcher = await stack.start_dispatcher(ack_timeout="300ms")
-    deaf = await stack.start_worker(dispatcher, "deaf", slots=2)
-    deaf.stop_reading()  # it never acknowledges receipt, so every attempt times out
+    deaf = NeverAcknowledges(f"127.0.0.1:{dispatcher.port}", slots=2, worker_id="deaf")
+    deaf.register("echo", _echo)
+    await stack.start_worker(dispatcher, "deaf", worker=deaf)  # every attempt times out unacknowledged
     await stack.wait_workers_known(1)
     client = await stack.client()
 

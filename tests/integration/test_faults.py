@@ -76,8 +76,8 @@ async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack, windo
     if caught_by == Reason.LOCK_TIMEOUT:
         assert dispatcher.stats.lock_timeouts > 0, "sends to the deaf worker timed out on its lock"
     # It runs only what it read before going deaf (a stream message may carry several assignments);
-    # everything else completes elsewhere.
-    assert sum(1 for r in results if r.worker_id == "deaf") == deaf.stats.completed <= deaf.stats.received
+    # everything else completes elsewhere. (It may not read the verdicts on what it finished.)
+    assert deaf.stats.completed <= sum(1 for r in results if r.worker_id == "deaf") <= deaf.stats.received
     assert deaf.stats.received < total // 10
     assert sum(1 for r in results if r.worker_id != "deaf" and r.history) > 0, "its requeued tasks ran elsewhere"
     # Healthy workers never wait on the deaf one's lock. What can still happen near the end of the

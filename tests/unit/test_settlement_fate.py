@@ -7,8 +7,7 @@ import pytest
 from sluicegate.expiry import expired_error, is_expired, start_deadline_ms
 from sluicegate.retry import RetryPolicy
 from sluicegate.v1 import messages_pb2, worker_pb2
-from sluicegate_dispatcher.sessions import Sessions
-from sluicegate_dispatcher.settlement import Fate, ReportOutcome, fate_of
+from sluicegate_dispatcher.reports import Fate, fate_of
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -39,25 +38,6 @@ def test_fate_of_a_terminal_report(
     event: worker_pb2.TaskEvent, run_failures: int, max_retries: int, fate: Fate
 ) -> None:
     assert fate_of(event, run_failures, RetryPolicy(max_retries=max_retries)) is fate
-
-
-def test_a_report_sorts_each_lease_by_its_fate() -> None:
-    sessions = Sessions()
-    session, _ = sessions.register(worker_id="w", tenant="acme", actions=frozenset({"a"}), labels={}, slots=4, now=0.0)
-    sessions.attach(session, object(), 0.0)
-    leases = [
-        sessions.take(session, (f"t{i}", 1), messages_pb2.Assignment(run_failures=i), "token", 0.0, 5.0)
-        for i in range(3)
-    ]
-    policy = RetryPolicy(max_retries=1)
-    outcome = ReportOutcome()
-    outcome.finished(leases[0], failed(retryable=True), policy)  # 0 failures so far, 1 allowed: retry
-    outcome.finished(leases[1], failed(retryable=True), policy)  # 1 so far: exhausted
-    outcome.finished(leases[2], COMPLETED, policy)
-    assert [lease for lease, _, _ in outcome.retries] == [leases[0]]
-    assert outcome.retries[0][2] is policy, "the policy travels with the retry, to be stamped"
-    assert [lease for lease, _ in outcome.finals] == [leases[1], leases[2]]
-    assert [lease for lease, _ in outcome.exhausted] == [leases[1]]
 
 
 # Start deadlines.

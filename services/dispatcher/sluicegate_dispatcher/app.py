@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -15,29 +15,25 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sluicegate import amqp, lifecycle, telemetry
-from sluicegate.errors import (
-    InvalidInput,
-    PublishError,
-    Unroutable,
-)
-from sluicegate.expiry import is_expired
+from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
-from sluicegate.retry import effective_policy
 from sluicegate.settings import BrokerSettings
-from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
-from sluicegate.wire import grpc_options, now_ms
+from sluicegate.v1 import worker_pb2, worker_pb2_grpc
+from sluicegate.wire import grpc_options
 from sluicegate_dispatcher.forwarding import Forwarder
+from sluicegate_dispatcher.housekeeping import Reaper, StatePublisher
 from sluicegate_dispatcher.metrics import DispatcherMetrics
-from sluicegate_dispatcher.sessions import Sessions, WorkerSession
+from sluicegate_dispatcher.reports import Reports
+from sluicegate_dispatcher.service import EdgeSettings, WorkerServicer
+from sluicegate_dispatcher.sessions import Sessions
 from sluicegate_dispatcher.settings import DispatcherSettings
-from sluicegate_dispatcher.settlement import ReportOutcome, Settler
+from sluicegate_dispatcher.settlement import Settler
 from sluicegate_dispatcher.stats import DispatcherStats
 from sluicegate_dispatcher.stream import WorkerStream
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "sluicegate.v1.WorkerService"
-Event = worker_pb2.TaskEvent
 
 
 class Dispatcher:
@@ -57,16 +53,17 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         lifecycle_settings: lifecycle.LifecycleSettings | None = None,
     ) -> None:
-        self.settings = settings
+        s = self.settings = settings
         self.broker = broker
+        self.clock = clock
         self.topology = amqp.Topology(broker.prefix)
         self.sessions = Sessions(receipt_window=settings.receipt_window)
         self.stats = DispatcherStats()
-        self.metrics = DispatcherMetrics(self)
-        self._exchanges = amqp.Exchanges(self.topology)
         self.lifecycle = lifecycle.LifecycleEmitter(
             self.topology, "dispatcher", lifecycle_settings, confirm_timeout=broker.confirm_timeout_s
         )
+        self.metrics = DispatcherMetrics(self.sessions, self.stats, self.lifecycle)
+        self._exchanges = amqp.Exchanges(self.topology)
         self.settler = Settler(
             topology=self.topology,
             broker=broker,
@@ -74,23 +71,73 @@ class Dispatcher:
             sessions=self.sessions,
             stats=self.stats,
             metrics=self.metrics,
-            clock=clock,
             emitter=self.lifecycle,
         )
-        self.clock = clock
+        self.forwarder = Forwarder(
+            sessions=self.sessions,
+            settler=self.settler,
+            stats=self.stats,
+            metrics=self.metrics,
+            inbox=self.topology.inbox(s.id),
+            lock_timeout=s.send_lock_timeout.total_seconds(),
+            ack_timeout=s.ack_timeout.total_seconds(),
+            max_payload=s.max_payload_bytes,
+            clock=clock,
+            draining=lambda: self.draining,
+        )
+        self.reports = Reports(
+            sessions=self.sessions,
+            settler=self.settler,
+            stats=self.stats,
+            metrics=self.metrics,
+            emitter=self.lifecycle,
+            dispatcher_id=s.id,
+            clock=clock,
+            spawn=self._spawn,
+        )
+        self.reaper = Reaper(
+            sessions=self.sessions,
+            settler=self.settler,
+            stats=self.stats,
+            heartbeat_timeout=s.heartbeat_timeout.total_seconds(),
+            reconnect_grace=s.reconnect_grace.total_seconds(),
+            clock=clock,
+        )
+        self.state = StatePublisher(
+            sessions=self.sessions,
+            dispatcher_id=s.id,
+            topology=self.topology,
+            confirm_timeout=broker.confirm_timeout_s,
+            heartbeat=s.state_heartbeat.total_seconds(),
+            clock=clock,
+            draining=lambda: self.draining,
+        )
+        self.servicer = WorkerServicer(
+            settings=EdgeSettings(
+                dispatcher_id=s.id,
+                heartbeat_interval_ms=int(s.heartbeat_interval.total_seconds() * 1000),
+                lock_timeout=s.send_lock_timeout.total_seconds(),
+                send_lock_permits=s.send_lock_permits,
+            ),
+            sessions=self.sessions,
+            settler=self.settler,
+            reports=self.reports,
+            forwarder=self.forwarder,
+            clock=clock,
+            draining=lambda: self.draining,
+        )
         self.port = 0
         self.draining = False
+        self.failed: BaseException | None = None
         self._state = "new"
         self._connection: AbstractRobustConnection | None = None
         self._inbox: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._background: set[asyncio.Task[None]] = set()
-        # Starts from the clock so that a restarted dispatcher keeping its id is not taken for stale.
-        self._state_seq = now_ms() * 1000
-        self._lock_timeout = settings.send_lock_timeout.total_seconds()
-        self.forwarder = Forwarder(self)
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
 
     @property
     def id(self) -> str:
@@ -98,8 +145,8 @@ class Dispatcher:
 
     @property
     def ready(self) -> bool:
-        """Serving and taking new work (false while starting, draining or stopped)."""
-        return self._state == "running" and not self.draining
+        """Serving and taking new work (false while starting, draining, stopped or after a crashed loop)."""
+        return self._state == "running" and not self.draining and self.failed is None
 
     # Lifecycle.
 
@@ -117,6 +164,18 @@ class Dispatcher:
             raise RuntimeError(f"dispatcher is {self._state}")
         self._state = "starting"
         s = self.settings
+        self._server = grpc.aio.server(
+            interceptors=telemetry.grpc_server_interceptors(),
+            options=grpc_options(
+                keepalive_s=s.keepalive_time.total_seconds(),
+                keepalive_timeout_s=s.keepalive_timeout.total_seconds(),
+                max_payload=s.max_payload_bytes,
+                server=True,
+            ),
+        )
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = bind(self._server, s.listen)  # before the broker: a taken port is a setup error
         self._connection = await amqp.connect_broker(self.broker)
         publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._exchanges.declare(publish_channel)
@@ -130,32 +189,40 @@ class Dispatcher:
             amqp.inbox_arguments(self.topology, s.inbox_ttl, s.inbox_expires),
             routing_key=self.id,
         )
-
-        from sluicegate_dispatcher.service import WorkerServicer  # the gRPC edge imports this module
-
-        self._server = grpc.aio.server(
-            interceptors=telemetry.grpc_server_interceptors(),
-            options=grpc_options(
-                keepalive_s=s.keepalive_time.total_seconds(),
-                keepalive_timeout_s=s.keepalive_timeout.total_seconds(),
-                max_payload=s.max_payload_bytes,
-                server=True,
-            ),
-        )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = self._server.add_insecure_port(s.listen)
-        if self.port == 0:
-            raise InvalidInput(f"cannot listen on {s.listen}")
         await self._server.start()
+        self._runner = asyncio.create_task(self._supervise(), name="dispatcher")
+        await self._started.wait()
         self._consumer_tag = await self._inbox.consume(self.forwarder.on_message)
-        self._spawn(self._reap(), "reaper")
-        self._spawn(self._publish_state(), "state")
-        self._spawn(self.lifecycle.run(self._exchanges.events), "lifecycle")
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "running"
         log.info("dispatcher %s listening on port %d", self.id, self.port)
+
+    async def _supervise(self) -> None:
+        """One TaskGroup for the process's loops and settlements: a crash is logged and fails readiness."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self.reaper.run(), name="dispatcher-reaper")
+                group.create_task(self.state.run(self._exchanges.events), name="dispatcher-state")
+                group.create_task(self.lifecycle.run(self._exchanges.events), name="dispatcher-lifecycle")
+                self._started.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            self.failed = err
+            log.exception("dispatcher stopped on an unexpected error")
+            with contextlib.suppress(Exception):
+                await self._health.enter_graceful_shutdown()
+        finally:
+            self._group = None
+            self._started.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._group is None:
+            coro.close()  # stopping: the lease stays unsettled and the broker gives it back
+            return
+        self._group.create_task(coro)
 
     async def close(self) -> None:
         """Drain and stop; idempotent, never raises."""
@@ -165,10 +232,15 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             await self._drain()
         # Lifecycle events are records, not tasks: they never hold a stop for long.
-        await self.lifecycle.drain(timeout=min(self.broker.confirm_timeout_s, 2.0))
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.lifecycle.drain(timeout=min(self.broker.confirm_timeout_s, 2.0))
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(BaseException):
+                await self._runner
+        with contextlib.suppress(Exception):
+            await self.settler.close()
+        await self.servicer.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.stop(grace=1.0)
@@ -179,13 +251,12 @@ class Dispatcher:
 
     async def _drain(self) -> None:
         """Stop taking work, let running tasks finish within the grace, requeue the rest."""
-        if self._server is None:
+        if self._server is None or self._state == "new":
             return
         self.draining = True
         await self._health.enter_graceful_shutdown()
-        self.sessions.changed()
         with contextlib.suppress(Exception):
-            await self._send_state()
+            await self.state.publish(self._exchanges.events, full=True)
         deadline = self.clock() + self.settings.drain_grace.total_seconds()
         while self.sessions.leases and self.clock() < deadline:  # noqa: ASYNC110 - leases settle from many tasks
             await asyncio.sleep(0.05)
@@ -193,140 +264,28 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._inbox.cancel(self._consumer_tag)
         for session in self.sessions:
+            stream = session.stream
             await self.settler.requeue_settled(self.sessions.close(session), Reason.DRAINING, "dispatcher stopping")
-            if session.stream is not None:
-                await self._tell_reconnect(session.stream)
+            if stream is not None:
+                await self._tell_reconnect(stream)
         with contextlib.suppress(Exception):
-            await self._send_state()
+            await self.state.publish(self._exchanges.events, full=True)
 
     async def _tell_reconnect(self, stream: WorkerStream) -> None:
         control = worker_pb2.Control(kind=worker_pb2.Control.KIND_RECONNECT, reason="dispatcher stopping")
         with contextlib.suppress(Exception):
-            await stream.send(worker_pb2.ServerMessage(controls=[control]), self._lock_timeout)
+            await stream.send(
+                worker_pb2.ServerMessage(controls=[control]), self.settings.send_lock_timeout.total_seconds()
+            )
         stream.end("dispatcher stopping")
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"dispatcher-{name}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
-    # Reports from workers (called by the gRPC edge).
-
-    async def report(self, session: WorkerSession, events: Sequence[worker_pb2.TaskEvent]) -> list[int]:
-        """Apply a batch of events from `session`; returns one verdict per event, in order.
-
-        Receipts are recorded at once; one that comes after the task's start deadline is answered
-        STALE and the task expires. Terminal results are published in batches and a lease is
-        settled only after its result was confirmed; a retryable failure with retries left is
-        requeued instead. Raises PublishError if a result was not confirmed (report again).
-        """
-        verdicts: list[int] = []
-        outcome = ReportOutcome()
-        for event in events:
-            verdicts.append(self._apply(session, event, outcome))
-        await self.settler.settle_report(outcome)
-        return verdicts
-
-    def _apply(self, session: WorkerSession, event: worker_pb2.TaskEvent, outcome: ReportOutcome) -> int:
-        if not event.task_id or event.attempt < 1:
-            return worker_pb2.EventVerdict.VERDICT_INVALID
-        lease = self.sessions.holder((event.task_id, event.attempt), session)
-        if lease is None or lease.finishing:
-            self.stats.stale_reports += 1
-            return worker_pb2.EventVerdict.VERDICT_STALE
-        if event.kind in (Event.KIND_RECEIVED, Event.KIND_STARTED):
-            if not lease.received and is_expired(lease.payload.task, now_ms()):
-                lease.finishing = True  # too late to start: the worker drops it, the client hears EXPIRED
-                outcome.expired.append(lease)
-                return worker_pb2.EventVerdict.VERDICT_STALE
-            if self.sessions.acknowledge(lease):
-                self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
-                self.lifecycle.emit(
-                    lifecycle.assignment_event(
-                        lifecycle.K.KIND_STARTED, lease.payload, worker_id=session.worker_id, dispatcher_id=self.id
-                    )
-                )
-            return worker_pb2.EventVerdict.VERDICT_ACCEPTED
-        if event.kind not in (Event.KIND_COMPLETED, Event.KIND_FAILED):
-            return worker_pb2.EventVerdict.VERDICT_INVALID
-        self.sessions.acknowledge(lease)
-        lease.finishing = True
-        task = lease.payload.task
-        outcome.finished(lease, event, effective_policy(task, session.action_options.get(task.action)))
-        return worker_pb2.EventVerdict.VERDICT_ACCEPTED
-
-    async def lose_session(self, session: WorkerSession, reason: Reason, detail: str) -> None:
-        if session.stream is not None:
-            session.stream.end(detail)
-        await self.settler.requeue_settled(self.sessions.close(session), reason, detail)
-
-    # Background loops.
-
-    async def _reap(self) -> None:
-        """Requeue the leases of lost workers and of assignments never acknowledged."""
-        s = self.settings
-        while True:
-            await asyncio.sleep(0.05)
-            now = self.clock()
-            for session in self.sessions.lost(
-                now,
-                heartbeat_timeout=s.heartbeat_timeout.total_seconds(),
-                reconnect_grace=s.reconnect_grace.total_seconds(),
-            ):
-                log.warning("worker %s lost; requeueing %d leases", session.worker_id, len(session.leases))
-                await self.lose_session(session, Reason.WORKER_LOST, "worker stopped heartbeating or streaming")
-            for lease in self.sessions.overdue_receipts(now):
-                stream = lease.session.stream
-                if stream is not None:
-                    stream.end("receipt not acknowledged in time; reconnect")
-                    self.stats.streams_ended += 1
-                await self.settler.requeue_lease(
-                    lease, Reason.ACK_TIMEOUT, "worker did not acknowledge receipt in time"
-                )
-
-    async def _publish_state(self) -> None:
-        interval = self.settings.state_interval.total_seconds()
-        heartbeat = self.settings.state_heartbeat.total_seconds()
-        published_version = -1
-        last = 0.0
-        while True:
-            if self.sessions.version != published_version or self.clock() - last >= heartbeat:
-                published_version = self.sessions.version
-                last = self.clock()
-                try:
-                    await self._send_state()
-                except (PublishError, Unroutable) as err:
-                    log.warning("worker state not published: %s", err)
-            await asyncio.sleep(interval)
-
-    async def _send_state(self) -> None:
-        self._state_seq += 1
-        state = messages_pb2.DispatcherState(
-            dispatcher_id=self.id, seq=self._state_seq, at_ms=now_ms(), draining=self.draining
-        )
-        for session in self.sessions:
-            state.workers.append(
-                messages_pb2.WorkerState(
-                    worker_id=session.worker_id,
-                    session_id=session.session_id,
-                    tenant=session.tenant,
-                    actions=sorted(session.actions),
-                    labels=session.labels,
-                    slots=session.slots,
-                    free_slots=session.free_slots,
-                    ready=session.ready and not self.draining,
-                    received=session.received,
-                )
-            )
-        # Running tasks per concurrency key, which the scheduler caps across dispatchers.
-        for (tenant, action, key), count in sorted(self.sessions.key_leases().items()):
-            state.key_leases.append(messages_pb2.KeyLeases(tenant=tenant, action=action, key=key, count=count))
-        # Not mandatory: with no scheduler running nobody needs the snapshot; the next one replaces it.
-        await amqp.publish(
-            self._exchanges.events,
-            self.topology.state_key(self.id),
-            state.SerializeToString(),
-            mandatory=False,
-            persistent=False,
-            timeout=self.broker.confirm_timeout_s,
-        )
+def bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind the gRPC port (never shared: reuse-port is off); a taken or bad address is one clear error."""
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as err:
+        raise InvalidInput(f"cannot listen on {listen}: the address is taken or invalid") from err
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {listen}: the address is taken or invalid")
+    return port

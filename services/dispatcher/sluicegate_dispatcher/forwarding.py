@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
@@ -19,12 +19,11 @@ from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2
 from sluicegate.validation import check_task
 from sluicegate.wire import now_ms
-from sluicegate_dispatcher.sessions import Lease, LeaseKey, WorkerSession
-from sluicegate_dispatcher.settlement import Delivery
+from sluicegate_dispatcher.metrics import DispatcherMetrics
+from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
+from sluicegate_dispatcher.settlement import Delivery, Settler
+from sluicegate_dispatcher.stats import DispatcherStats
 from sluicegate_dispatcher.stream import WorkerStream
-
-if TYPE_CHECKING:
-    from sluicegate_dispatcher.app import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +33,36 @@ Pending = tuple[messages_pb2.Assignment, Lease, trace.Span]  # an assignment abo
 class Forwarder:
     """Sends each worker its assignments from an inbox message, or requeues each with its reason."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.d = dispatcher
-        self._lock_timeout = dispatcher.settings.send_lock_timeout.total_seconds()
-        self._ack_timeout = dispatcher.settings.ack_timeout.total_seconds()
+    def __init__(
+        self,
+        *,
+        sessions: Sessions,
+        settler: Settler,
+        stats: DispatcherStats,
+        metrics: DispatcherMetrics,
+        inbox: str,
+        lock_timeout: float,
+        ack_timeout: float,
+        max_payload: int,
+        clock: Callable[[], float],
+        draining: Callable[[], bool],
+    ) -> None:
+        self.sessions, self.settler, self.stats, self.metrics = sessions, settler, stats, metrics
+        self._inbox = inbox
+        self._lock_timeout, self._ack_timeout, self._max_payload = lock_timeout, ack_timeout, max_payload
+        self._clock, self._draining = clock, draining
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             batch = messages_pb2.AssignmentBatch.FromString(message.body)
         except DecodeError:
             log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
-            await self.d.settler.settle_message(message, ok=False)
+            await self.settler.settle_message(message, ok=False)
             return
         delivery = Delivery(message, len(batch.assignments))
-        self.d.metrics.assignment_batch.observe(delivery.pending)
+        self.metrics.assignment_batch.observe(delivery.pending)
         if delivery.pending == 0:
-            await self.d.settler.settle_message(message, ok=True)
+            await self.settler.settle_message(message, ok=True)
             return
         # Assignments for the same worker session go out in one stream write.
         groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
@@ -66,59 +79,63 @@ class Forwarder:
         losing a confirm - is a copy: settled at once, while the lease keeps its own delivery.
         """
         key: LeaseKey = (assignment.task.task_id, assignment.attempt)
-        current = self.d.sessions.holder_of(key)
+        current = self.sessions.holder_of(key)
         if current is not None:
-            self.d.stats.redeliveries += 1
+            self.stats.redeliveries += 1
             if _still_open(current.token):
-                await self.d.settler.item_done(delivery)
+                await self.settler.item_done(delivery)
             else:
                 current.token = delivery
             return True
-        if self.d.sessions.was_settled(key):
-            self.d.stats.redeliveries += 1
-            await self.d.settler.item_done(delivery)
+        if self.sessions.was_settled(key):
+            self.stats.redeliveries += 1
+            await self.settler.item_done(delivery)
             return True
         return False
 
     async def _forward(self, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
         """Send a worker its assignments from one inbox message, or requeue each with its reason."""
-        requeue = self.d.settler.requeue_many
-        if self.d.draining:
-            await requeue(group, delivery, Reason.DRAINING, "dispatcher stopping")
+        if self._draining():
+            await self._requeue(group, delivery, Reason.DRAINING, "dispatcher stopping")
             return
         valid = []
         for assignment in group:
             try:
                 if assignment.attempt < 1:
                     raise InvalidInput("attempt must be at least 1")
-                check_task(assignment.task, self.d.settings.max_payload_bytes)
+                check_task(assignment.task, self._max_payload)
             except InvalidInput as err:
-                await self.d.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
+                await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
                 continue
-            self.d.sessions.count_received(assignment.worker_id, assignment.session_id)
+            self.sessions.count_received(assignment.worker_id, assignment.session_id)
             if is_expired(assignment.task, now_ms()):
-                await self.d.settler.expire(assignment, delivery)  # too late to start: never sent
+                await self.settler.expire(assignment, delivery)  # too late to start: never sent
                 continue
             valid.append(assignment)
         if not valid:
             return
         try:
-            session = self.d.sessions.target(valid[0].worker_id, valid[0].session_id)
+            session = self.sessions.target(valid[0].worker_id, valid[0].session_id)
         except NotConnected as err:
-            await requeue(valid, delivery, Reason.NOT_CONNECTED, str(err))
+            await self._requeue(valid, delivery, Reason.NOT_CONNECTED, str(err))
             return
         except NoFreeSlot as err:
-            await requeue(valid, delivery, Reason.NO_SLOT, str(err))
+            await self._requeue(valid, delivery, Reason.NO_SLOT, str(err))
             return
         room = session.free_slots
         if len(valid) > room:
-            await requeue(valid[room:], delivery, Reason.NO_SLOT, f"worker {session.worker_id} has no free slot")
+            await self._requeue(valid[room:], delivery, Reason.NO_SLOT, f"worker {session.worker_id} has no free slot")
             valid = valid[:room]
         await self._send(session, valid, delivery)
 
+    async def _requeue(
+        self, assignments: list[messages_pb2.Assignment], delivery: Delivery, reason: Reason, detail: str
+    ) -> None:
+        await asyncio.gather(*(self.settler.requeue(a, delivery, reason, detail) for a in assignments))
+
     async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
         """Take the leases, then write the group in as few stream messages as the size limit allows."""
-        now = self.d.clock()
+        now = self._clock()
         pending: list[Pending] = []
         for assignment in group:
             key: LeaseKey = (assignment.task.task_id, assignment.attempt)
@@ -132,22 +149,22 @@ class Forwarder:
                     **{
                         "sluicegate.worker.id": session.worker_id,
                         "messaging.operation.type": "process",
-                        "messaging.destination.name": self.d.topology.inbox(self.d.id),
+                        "messaging.destination.name": self._inbox,
                     },
                 ),
             )
             telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
             task = assignment.task
             concurrency = (task.tenant, task.action, task.concurrency_key) if task.concurrency_key else None
-            lease = self.d.sessions.take(
+            lease = self.sessions.take(
                 session, key, assignment, delivery, now, self._ack_timeout, concurrency=concurrency
             )
             pending.append((assignment, lease, span))
-        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self.d.settings.max_payload_bytes):
+        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self._max_payload):
             if not await self._write(session, pending[start:end]):
                 for _, lease, span in pending[end:]:
                     span.end()
-                    await self.d.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
+                    await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
                 return
 
     async def _write(
@@ -161,35 +178,42 @@ class Forwarder:
             message = worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk])
             waited = await stream.send(message, self._lock_timeout)
         except LockTimeout:
-            self.d.stats.lock_timeouts += 1
             self._close_spans(spans, started_ns, time.time_ns(), None, "send lock timeout")
-            stream.end("send timed out; reconnect")
-            self.d.stats.streams_ended += 1
             for _, lease, _ in chunk:
-                await self.d.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
-            # The stream is stalled: what the worker has not acknowledged goes elsewhere now rather
-            # than after the receipt deadline. Safe even if it reads them later: a worker runs an
-            # assignment only after its receipt is accepted, and these leases are gone.
-            for stalled in self.d.sessions.unacknowledged(session):
-                await self.d.settler.requeue_lease(stalled, Reason.STREAM_STALLED, "stream stalled before receipt")
+                await self.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
+            await self.stalled(session, stream)
             return False
         except StreamBroken as err:
             self._close_spans(spans, started_ns, time.time_ns(), None, "stream broken")
             stream.end("stream write failed; reconnect")
             for _, lease, _ in chunk:
-                await self.d.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
+                await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
             return False
-        self.d.stats.forwarded += len(chunk)
+        self.stats.forwarded += len(chunk)
         self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
         return True
+
+    async def stalled(self, session: WorkerSession, stream: WorkerStream) -> None:
+        """A send to the stream could not get its lock in time: the worker is not reading.
+
+        The stream is ended (the worker reconnects), and what the worker has not acknowledged goes
+        elsewhere now rather than after the receipt deadline. Safe even if it reads them later: a
+        worker runs an assignment only after its receipt is accepted, and these leases are gone.
+        """
+        self.stats.lock_timeouts += 1
+        if not stream.ended.is_set():
+            self.stats.streams_ended += 1
+        stream.end("send timed out; reconnect")
+        for lease in self.sessions.unacknowledged(session):
+            await self.settler.requeue_lease(lease, Reason.STREAM_STALLED, "stream stalled before receipt")
 
     def _close_spans(
         self, spans: list[trace.Span], started_ns: int, acquired_ns: int, written_ns: int | None, error: str | None
     ) -> None:
         """End the dispatch spans, each with the lock wait (from before acquisition) and the write as children."""
-        self.d.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
+        self.metrics.lock_wait.observe((acquired_ns - started_ns) / 1e9)
         if written_ns is not None:
-            self.d.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
+            self.metrics.stream_write.observe((written_ns - acquired_ns) / 1e9)
         tracer = telemetry.tracer()
         for span in spans:
             if not span.is_recording():

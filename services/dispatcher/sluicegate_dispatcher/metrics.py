@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from sluicegate.lifecycle import LifecycleEmitter
 from sluicegate.metrics import (
     BATCH_BUCKETS,
     FAST_BUCKETS,
@@ -18,14 +18,13 @@ from sluicegate.metrics import (
     histogram,
     labelled_counter,
 )
-
-if TYPE_CHECKING:
-    from sluicegate_dispatcher.app import Dispatcher
+from sluicegate_dispatcher.sessions import Sessions
+from sluicegate_dispatcher.stats import DispatcherStats
 
 
 class DispatcherMetrics:
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self._d = dispatcher
+    def __init__(self, sessions: Sessions, stats: DispatcherStats, emitter: LifecycleEmitter) -> None:
+        self._sessions, self._stats, self._emitter = sessions, stats, emitter
         self.registry = CollectorRegistry()
         r = self.registry
         self.lock_wait = histogram(
@@ -51,8 +50,8 @@ class DispatcherMetrics:
         r.register(Snapshot(self._snapshot))
 
     def _snapshot(self) -> Iterable[Metric]:
-        d, stats = self._d, self._d.stats
-        sessions = list(d.sessions)
+        stats = self._stats
+        sessions = list(self._sessions)
         yield gauge(
             "sluicegate_connected_workers",
             "Workers streaming from this dispatcher.",
@@ -62,7 +61,7 @@ class DispatcherMetrics:
         slots.add_metric(["total"], sum(s.slots for s in sessions))
         slots.add_metric(["free"], sum(s.free_slots for s in sessions))
         yield slots
-        yield gauge("sluicegate_leases_in_flight", "Assignments forwarded and not yet settled.", d.sessions.leases)
+        yield gauge("sluicegate_leases_in_flight", "Assignments forwarded and not yet settled.", self._sessions.leases)
         yield counter(
             "sluicegate_send_lock_timeouts", "Sends that did not get the stream's lock in time.", stats.lock_timeouts
         )
@@ -84,4 +83,4 @@ class DispatcherMetrics:
         yield counter("sluicegate_stale_reports", "Reports rejected for attempts no longer held.", stats.stale_reports)
         yield counter("sluicegate_streams_ended", "Streams ended because their worker stalled.", stats.streams_ended)
         yield counter("sluicegate_results_unclaimed", "Results whose client had gone.", stats.results_unclaimed)
-        yield from d.lifecycle.metrics()
+        yield from self._emitter.metrics()

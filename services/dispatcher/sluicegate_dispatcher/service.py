@@ -1,29 +1,34 @@
-"""The gRPC edge of the dispatcher: validates requests, calls the dispatcher, maps errors to status codes."""
+"""The gRPC edge of the dispatcher: validates requests, hands them on, maps errors to status codes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from sluicegate.errors import InvalidInput, PublishError, SluicegateError, UnknownSession
+from sluicegate.errors import InvalidInput, SluicegateError, UnknownSession
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import MAX_SLOTS, check_action, check_action_options, check_labels, check_tenant
+from sluicegate_dispatcher.forwarding import Forwarder
+from sluicegate_dispatcher.reports import Reports
+from sluicegate_dispatcher.sessions import Sessions, WorkerSession
+from sluicegate_dispatcher.settlement import Settler
 from sluicegate_dispatcher.stream import WorkerStream
-
-if TYPE_CHECKING:
-    from sluicegate_dispatcher.app import Dispatcher
 
 log = logging.getLogger(__name__)
 
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-MAX_EVENTS_PER_REPORT = 10_000
+MAX_EVENTS_PER_MESSAGE = 10_000
 MAX_ACTIONS = 256
+FIRST_MESSAGE_TIMEOUT = 10.0
 
 R = TypeVar("R")
 Handler = Callable[..., Awaitable[R]]
@@ -50,6 +55,8 @@ def edge(method: Handler[R]) -> Handler[R]:
             await context.abort(_status_for(err), str(err))
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -64,18 +71,35 @@ def _copied(options: messages_pb2.ActionOptions) -> messages_pb2.ActionOptions:
     return copy
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.d = dispatcher
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    dispatcher_id: str
+    heartbeat_interval_ms: int
+    lock_timeout: float
+    send_lock_permits: int
 
-    def _session(self, worker_id: str, session_id: str) -> Any:
-        return self.d.sessions.session(worker_id, session_id)
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(
+        self,
+        *,
+        settings: EdgeSettings,
+        sessions: Sessions,
+        settler: Settler,
+        reports: Reports,
+        forwarder: Forwarder,
+        clock: Callable[[], float],
+        draining: Callable[[], bool],
+    ) -> None:
+        self.settings, self.sessions, self.settler, self.reports = settings, sessions, settler, reports
+        self.forwarder, self.clock, self.draining = forwarder, clock, draining
+        self._stalls: set[asyncio.Task[None]] = set()
 
     @edge
     async def Register(
         self, request: worker_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> worker_pb2.RegisterResponse:
-        if self.d.draining:
+        if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
         if request.worker_id and not WORKER_ID.match(request.worker_id):
             raise InvalidInput("worker_id must hold 1 to 128 letters, digits or _ . : -")
@@ -94,42 +118,60 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if action not in request.actions:
                 raise InvalidInput(f"action_options names {action[:128]!r}, which the worker does not serve")
             check_action_options(action, options)
-        session, previous = self.d.sessions.register(
+        session, previous = self.sessions.register(
             worker_id=request.worker_id,
             tenant=tenant,
             actions=frozenset(request.actions),
             labels=dict(request.labels),
             slots=request.slots,
-            now=self.d.clock(),
+            now=self.clock(),
             action_options={a: _copied(o) for a, o in request.action_options.items()},
         )
         if previous is not None:
-            await self.d.lose_session(previous, Reason.WORKER_REREGISTERED, "worker registered again")
+            await self.settler.lose(previous, Reason.WORKER_REREGISTERED, "worker registered again")
         log.info(
             "worker %s registered (%d slots, actions %s)", session.worker_id, session.slots, sorted(session.actions)
         )
         return worker_pb2.RegisterResponse(
             worker_id=session.worker_id,
             session_id=session.session_id,
-            dispatcher_id=self.d.id,
-            heartbeat_interval_ms=int(self.d.settings.heartbeat_interval.total_seconds() * 1000),
+            dispatcher_id=self.settings.dispatcher_id,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
         )
 
     @edge
-    async def Listen(  # type: ignore[override]  # writes go through the send lock, not a generator
-        self, request: worker_pb2.ListenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    async def Session(  # type: ignore[override]  # writes go through the send lock, not a generator
+        self, requests: AsyncIterator[worker_pb2.WorkerMessage], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        session = self._session(request.worker_id, request.session_id)
-        if self.d.draining:
+        try:
+            async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
+                first = await anext(requests)
+        except (StopAsyncIteration, TimeoutError) as err:
+            raise InvalidInput("a session stream starts with a message naming the session") from err
+        session = self.sessions.session(first.worker_id, first.session_id)
+        if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
-        stream = WorkerStream(context, self.d.settings.send_lock_permits)
-        previous = self.d.sessions.attach(session, stream, self.d.clock())
+        stream = WorkerStream(
+            context,
+            self.settings.send_lock_permits,
+            lock_timeout=self.settings.lock_timeout,
+            on_stall=lambda stalled: self._on_stall(session, stalled),
+        )
+        previous = self.sessions.attach(session, stream, self.clock())
         if previous is not None:
             previous.end("replaced by a newer stream")
+        self._handle(session, stream, first)
+        reader = asyncio.create_task(self._read(session, stream, requests))
+        ended = asyncio.create_task(stream.ended.wait())
         try:
-            await stream.ended.wait()
+            await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.d.sessions.detach(session, stream, self.d.clock())
+            for task in (reader, ended):
+                task.cancel()
+            self.sessions.detach(session, stream, self.clock())
+        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        if isinstance(failure, SluicegateError):
+            raise failure
         try:
             await context.abort(grpc.StatusCode.UNAVAILABLE, stream.reason or "stream ended")
         except grpc.aio.AbortError:
@@ -139,29 +181,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # call ends when the worker reads again or its connection drops.
             log.debug("could not end the stream of %s cleanly", session.worker_id)
 
-    @edge
-    async def Report(
-        self, request: worker_pb2.ReportRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> worker_pb2.ReportResponse:
-        session = self._session(request.worker_id, request.session_id)
-        if len(request.events) > MAX_EVENTS_PER_REPORT:
-            raise InvalidInput(f"a report may carry at most {MAX_EVENTS_PER_REPORT} events")
-        self.d.sessions.seen(session, self.d.clock())
-        try:
-            verdicts = await self.d.report(session, request.events)
-        except PublishError as err:
-            raise PublishError("the broker did not confirm a result; report again") from err
-        return worker_pb2.ReportResponse(
-            verdicts=[
-                worker_pb2.EventVerdict(task_id=e.task_id, attempt=e.attempt, verdict=v)  # type: ignore[arg-type]
-                for e, v in zip(request.events, verdicts, strict=True)
-            ]
-        )
+    async def _read(
+        self, session: WorkerSession, stream: WorkerStream, requests: AsyncIterator[worker_pb2.WorkerMessage]
+    ) -> None:
+        """Every message is a sign of life; its events are answered on the stream."""
+        async for message in requests:
+            self._handle(session, stream, message)
+        stream.end("the worker closed its stream")
 
-    @edge
-    async def Heartbeat(
-        self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> worker_pb2.HeartbeatResponse:
-        session = self._session(request.worker_id, request.session_id)
-        self.d.sessions.seen(session, self.d.clock())
-        return worker_pb2.HeartbeatResponse()
+    def _handle(self, session: WorkerSession, stream: WorkerStream, message: worker_pb2.WorkerMessage) -> None:
+        self.sessions.seen(session, self.clock())
+        if not message.events:
+            return
+        if len(message.events) > MAX_EVENTS_PER_MESSAGE:
+            raise InvalidInput(f"a message may carry at most {MAX_EVENTS_PER_MESSAGE} events")
+        stream.answer(self.reports.on_events(session, message.events))
+
+    def _on_stall(self, session: WorkerSession, stream: WorkerStream) -> None:
+        """A verdict could not get the stream's lock in time: handled as a stalled send."""
+        task = asyncio.create_task(self.forwarder.stalled(session, stream))
+        self._stalls.add(task)
+        task.add_done_callback(self._stalls.discard)
+
+    async def close(self) -> None:
+        for task in list(self._stalls):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._stalls, return_exceptions=True)

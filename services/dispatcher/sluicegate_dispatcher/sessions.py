@@ -10,8 +10,8 @@ scheduler's limits.
 from __future__ import annotations
 
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ class WorkerSession:
     received: int = 0  # assignments consumed for this session, reported to the scheduler
     closed: bool = False
     action_options: dict[str, Any] = field(default_factory=dict)  # the shell's per-action defaults
+    finishing: int = 0  # leases whose handler finished, waiting for their result to be confirmed
 
     @property
     def streaming(self) -> bool:
@@ -61,7 +62,8 @@ class WorkerSession:
     def free_slots(self) -> int:
         """Slots it can take now: free ones, within the window of unacknowledged assignments."""
         window = self.window or self.slots
-        return max(0, min(self.slots - len(self.leases), window - self.unacknowledged))
+        # A finished handler frees its slot at once; its lease waits only for the broker's confirm.
+        return max(0, min(self.slots - len(self.leases) + self.finishing, window - self.unacknowledged))
 
     @property
     def ready(self) -> bool:
@@ -77,9 +79,13 @@ class Sessions:
         self._by_session: dict[str, WorkerSession] = {}
         self._leases: dict[LeaseKey, Lease] = {}
         self._by_concurrency: Counter[ConcurrencyKey] = Counter()
-        self._settled: OrderedDict[LeaseKey, None] = OrderedDict()
+        self._settled: OrderedDict[LeaseKey, bool] = OrderedDict()  # -> settled by a result (not a requeue)
         self._remember_settled = remember_settled
+        self._receipts: deque[Lease] = deque()  # leases in the order their receipt deadlines come
         self.version = 0  # bumps on every change the scheduler should hear about
+        self.dirty: set[str] = set()  # sessions changed since the scheduler last heard
+        self.gone: set[str] = set()  # sessions closed since the scheduler last heard
+        self.on_change: Callable[[], None] = lambda: None  # the shell's wake-up for whoever publishes state
 
     def __len__(self) -> int:
         return len(self._by_session)
@@ -91,8 +97,18 @@ class Sessions:
     def leases(self) -> int:
         return len(self._leases)
 
-    def changed(self) -> None:
+    def changed(self, session: WorkerSession | None = None) -> None:
         self.version += 1
+        if session is not None:
+            self.dirty.add(session.session_id)
+        self.on_change()
+
+    def take_changes(self) -> tuple[list[WorkerSession], list[str]]:
+        """The sessions changed and the sessions gone since the last call (for a state delta)."""
+        changed = [s for sid in self.dirty if (s := self._by_session.get(sid)) is not None]
+        gone = sorted(self.gone)
+        self.dirty, self.gone = set(), set()
+        return changed, gone
 
     def register(
         self,
@@ -129,7 +145,8 @@ class Sessions:
         if previous is not None:
             previous.closed = True
             del self._by_session[previous.session_id]
-        self.changed()
+            self.gone.add(previous.session_id)
+        self.changed(session)
         return session, previous
 
     def session(self, worker_id: str, session_id: str) -> WorkerSession:
@@ -143,6 +160,7 @@ class Sessions:
         session = self._by_session.get(session_id)
         if session is not None and session.worker_id == worker_id:
             session.received += 1
+            self.changed(session)
 
     def target(self, worker_id: str, session_id: str) -> WorkerSession:
         """The session an assignment is for, if it can take one now."""
@@ -163,6 +181,8 @@ class Sessions:
         leases = list(session.leases.values())
         for lease in leases:
             self.settle(lease.key)
+        self.gone.add(session.session_id)
+        self.dirty.discard(session.session_id)
         self.changed()
         return leases
 
@@ -175,7 +195,7 @@ class Sessions:
         session.streams_opened += 1
         session.stream_lost_at = None
         session.last_seen = now
-        self.changed()
+        self.changed(session)
         return previous
 
     def detach(self, session: WorkerSession, stream: Any, now: float) -> bool:
@@ -184,7 +204,7 @@ class Sessions:
             return False
         session.stream = None
         session.stream_lost_at = now
-        self.changed()
+        self.changed(session)
         return True
 
     def seen(self, session: WorkerSession, now: float) -> None:
@@ -197,7 +217,7 @@ class Sessions:
         """Sessions to give up on: silent too long, or whose stream dropped with no sign of life since.
 
         A session that never streamed holds no lease, so only silence loses it: under load its first
-        Listen may come later than the reconnect grace after Register.
+        stream may come later than the reconnect grace after Register.
         """
         return [
             s
@@ -232,9 +252,10 @@ class Sessions:
         session.leases[key] = lease
         session.unacknowledged += 1
         self._leases[key] = lease
+        self._receipts.append(lease)
         if concurrency is not None:
             self._by_concurrency[concurrency] += 1
-        self.changed()
+        self.changed(session)
         return lease
 
     def holder(self, key: LeaseKey, session: WorkerSession) -> Lease | None:
@@ -250,22 +271,35 @@ class Sessions:
     def was_settled(self, key: LeaseKey) -> bool:
         return key in self._settled
 
-    def settle(self, key: LeaseKey) -> Lease | None:
+    def finished_before(self, key: LeaseKey) -> bool:
+        """Whether the attempt was settled by its result (a terminal report), not sent back."""
+        return self._settled.get(key, False)
+
+    def finishing(self, lease: Lease) -> None:
+        """The worker reported the attempt finished: its slot is free while its result is published."""
+        if not lease.finishing:
+            lease.finishing = True
+            lease.session.finishing += 1
+            self.changed(lease.session)
+
+    def settle(self, key: LeaseKey, *, finished: bool = False) -> Lease | None:
         """Remove and return the lease, or None if someone settled it already."""
         lease = self._leases.pop(key, None)
         if lease is None:
             return None
         lease.session.leases.pop(key, None)
+        if lease.finishing:
+            lease.session.finishing -= 1
         if not lease.received:
             lease.session.unacknowledged -= 1
         if lease.concurrency is not None:
             self._by_concurrency[lease.concurrency] -= 1
             if self._by_concurrency[lease.concurrency] <= 0:
                 del self._by_concurrency[lease.concurrency]
-        self._settled[key] = None
+        self._settled[key] = finished
         if len(self._settled) > self._remember_settled:
             self._settled.popitem(last=False)
-        self.changed()
+        self.changed(lease.session)
         return lease
 
     def key_leases(self) -> dict[ConcurrencyKey, int]:
@@ -278,11 +312,21 @@ class Sessions:
             return False
         lease.received = True
         lease.session.unacknowledged -= 1
-        self.changed()
+        self.changed(lease.session)
         return True
 
     def unacknowledged(self, session: WorkerSession) -> list[Lease]:
         return [lease for lease in session.leases.values() if not lease.received]
 
     def overdue_receipts(self, now: float) -> list[Lease]:
-        return [lease for lease in self._leases.values() if not lease.received and now > lease.receipt_deadline]
+        """Held leases whose receipt deadline passed unacknowledged (deadlines come in the order taken)."""
+        overdue = []
+        receipts = self._receipts
+        while receipts and (receipts[0].received or self._leases.get(receipts[0].key) is not receipts[0]):
+            receipts.popleft()  # acknowledged or settled: no deadline to watch
+        for lease in receipts:  # not changed while iterated
+            if now <= lease.receipt_deadline:
+                break
+            if not lease.received and self._leases.get(lease.key) is lease:
+                overdue.append(lease)
+        return overdue

@@ -64,9 +64,6 @@ class DispatcherSettings(BaseSettings):
     inbox_expires: PositiveDuration = Field(
         default=timedelta(minutes=10), description="An inbox with no consumer this long is deleted (after it drained)."
     )
-    state_interval: PositiveDuration = Field(
-        default=timedelta(milliseconds=20), description="Shortest gap between two worker-state publishes."
-    )
     state_heartbeat: PositiveDuration = Field(
         default=timedelta(seconds=1), description="Worker state is republished at least this often."
     )

@@ -1,25 +1,44 @@
-"""One open Listen stream of a worker session, with the send lock that guards its writes."""
+"""One open Session stream of a worker, with the send lock that guards its writes.
+
+Everything the dispatcher tells a worker - assignments, verdicts on its events, controls - is a
+write under the stream's timed lock. Verdicts do not take a write of their own when one is going
+out anyway: they queue, ride along with the next assignment write, or are flushed by one writer
+task as soon as the lock is free (group commit, no timer).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sluicegate.errors import StreamBroken
+from sluicegate.errors import LockTimeout, StreamBroken
+from sluicegate.v1 import worker_pb2
 from sluicegate_dispatcher.lock import TimedLock
 
 
 class WorkerStream:
     """A worker's open stream; writes go through `send`, one at a time per permit, in arrival order."""
 
-    __slots__ = ("_context", "ended", "lock", "reason")
+    __slots__ = ("_context", "_flusher", "_on_stall", "_timeout", "_verdicts", "ended", "lock", "reason")
 
-    def __init__(self, context: Any, permits: int = 1) -> None:
+    def __init__(
+        self,
+        context: Any,
+        permits: int = 1,
+        *,
+        lock_timeout: float = 0.25,
+        on_stall: Callable[[WorkerStream], None] = lambda _stream: None,
+    ) -> None:
         self._context = context
         self.lock = TimedLock(permits)
         self.ended = asyncio.Event()
         self.reason = ""
+        self._timeout = lock_timeout
+        self._on_stall = on_stall  # called when a verdict flush could not get the lock in time
+        self._verdicts: list[worker_pb2.EventVerdict] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def end(self, reason: str) -> None:
         """Close the stream (the worker reconnects); the first reason given is kept."""
@@ -27,10 +46,10 @@ class WorkerStream:
             self.reason = reason
             self.ended.set()
 
-    async def send(self, message: Any, timeout: float) -> float:
+    async def send(self, message: worker_pb2.ServerMessage, timeout: float) -> float:
         """Acquire the lock within `timeout` (LockTimeout otherwise), hold it until the write finished.
 
-        Returns how long the lock was waited for, measured from before the acquisition.
+        Verdicts waiting to go out ride along. Returns how long the lock was waited for.
         """
         if self.ended.is_set():
             raise StreamBroken(self.reason or "stream ended")
@@ -38,14 +57,44 @@ class WorkerStream:
         await self.lock.acquire(timeout)
         waited = time.perf_counter() - started
         try:
-            if self.ended.is_set():
-                raise StreamBroken(self.reason or "stream ended")
-            try:
-                await self._context.write(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                raise StreamBroken("stream write failed") from err
+            await self._write(message)
         finally:
             self.lock.release()
         return waited
+
+    async def _write(self, message: worker_pb2.ServerMessage) -> None:
+        if self.ended.is_set():
+            raise StreamBroken(self.reason or "stream ended")
+        if self._verdicts:
+            message.verdicts.extend(self._verdicts)
+            self._verdicts = []
+        try:
+            await self._context.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            raise StreamBroken("stream write failed") from err
+
+    def answer(self, verdicts: list[worker_pb2.EventVerdict]) -> None:
+        """Queue verdicts for the worker; they go out with the next write, or on their own at once."""
+        if self.ended.is_set() or not verdicts:
+            return
+        self._verdicts.extend(verdicts)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._verdicts and not self.ended.is_set():
+            try:
+                await self.lock.acquire(self._timeout)
+            except LockTimeout:
+                self._on_stall(self)
+                return
+            try:
+                if self._verdicts:
+                    await self._write(worker_pb2.ServerMessage())
+            except StreamBroken:
+                self.end("stream write failed; reconnect")
+                return
+            finally:
+                self.lock.release()

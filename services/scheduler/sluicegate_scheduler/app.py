@@ -269,7 +269,17 @@ class Scheduler:
             for w in state.workers
         ]
         keys = [((k.tenant, k.action, k.key), k.count) for k in state.key_leases]
-        if self.pool.update(state.dispatcher_id, state.seq, state.draining, reports, self.clock(), keys):
+        applied = self.pool.update(
+            state.dispatcher_id,
+            state.seq,
+            state.draining,
+            reports,
+            self.clock(),
+            keys,
+            delta=state.delta,
+            gone=state.gone,
+        )
+        if applied:
             self._wake.set()
 
     async def _forget_silent(self) -> None:

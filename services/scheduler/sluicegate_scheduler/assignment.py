@@ -102,40 +102,67 @@ class WorkerPool:
         workers: Iterable[WorkerReport],
         now: float,
         key_leases: Iterable[tuple[KeyScope, int]] = (),
+        *,
+        delta: bool = False,
+        gone: Iterable[str] = (),
     ) -> bool:
-        """Apply a snapshot; older ones (by seq) are ignored. Returns True if applied."""
-        old = self._dispatchers.get(dispatcher_id)
-        if old is not None and seq <= old.seq and seq != 0:
-            old.seen_at = now
+        """Apply a snapshot (or a delta: the workers that changed, and the sessions gone); returns True if applied.
+
+        An older message (by seq) is ignored; so is a delta that does not follow the last message
+        applied, until the next full snapshot. Workers are updated in place, so a change of free
+        slots costs nothing beyond the worker itself.
+        """
+        view = self._dispatchers.get(dispatcher_id)
+        if view is not None and seq <= view.seq and seq != 0:
+            view.seen_at = now
             return False
-        fresh = _DispatcherView(seq=seq, seen_at=now, draining=draining, key_leases=Counter(dict(key_leases)))
+        if delta and (view is None or seq != view.seq + 1):
+            if view is not None:
+                view.seen_at = now  # alive, though this delta cannot be applied
+            return False
+        if view is None:
+            view = self._dispatchers[dispatcher_id] = _DispatcherView(seq=seq, seen_at=now, draining=draining)
+        view.seq, view.seen_at, view.draining = seq, now, draining
+        self._key_leases.subtract(view.key_leases)
+        view.key_leases = Counter(dict(key_leases))
+        self._key_leases.update(view.key_leases)
+        reshaped = False
+        reported = set()
         for w in workers:
-            previous = old.workers.get(w.session_id) if old else None
-            view = fresh.workers[w.session_id] = WorkerView(
-                worker_id=w.worker_id,
-                session_id=w.session_id,
-                dispatcher_id=dispatcher_id,
-                tenant=w.tenant,
-                actions=frozenset(w.actions),
-                labels=dict(w.labels),
-                slots=w.slots,
-                reported_free=w.free_slots,
-                reported_received=w.received,
-                ready=w.ready and not draining,
-                # Never below what the dispatcher consumed: a redelivered or re-published assignment
-                # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
-                sent=max(previous.sent if previous else 0, w.received),
-                keyed=previous.keyed if previous else deque(),
-            )
-            while view.keyed and view.keyed[0][0] <= w.received:  # now among the dispatcher's leases
-                self._key_transit[view.keyed.popleft()[1]] -= 1
-        if old is not None:
-            self._key_leases.subtract(old.key_leases)
-            for gone in old.workers.keys() - fresh.workers.keys():
-                self._drop_transit(old.workers[gone])
-        self._key_leases.update(fresh.key_leases)
-        self._dispatchers[dispatcher_id] = fresh
-        self._changed()
+            reported.add(w.session_id)
+            ready = w.ready and not draining
+            current = view.workers.get(w.session_id)
+            if current is None:
+                view.workers[w.session_id] = WorkerView(
+                    worker_id=w.worker_id,
+                    session_id=w.session_id,
+                    dispatcher_id=dispatcher_id,
+                    tenant=w.tenant,
+                    actions=frozenset(w.actions),
+                    labels=dict(w.labels),
+                    slots=w.slots,
+                    reported_free=w.free_slots,
+                    reported_received=w.received,
+                    ready=ready,
+                    sent=w.received,
+                )
+                reshaped = True
+                continue
+            reshaped |= current.ready != ready or current.tenant != w.tenant or current.actions != frozenset(w.actions)
+            current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
+            current.slots, current.reported_free, current.reported_received = w.slots, w.free_slots, w.received
+            current.ready = ready
+            # Never below what the dispatcher consumed: a redelivered or re-published assignment
+            # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
+            current.sent = max(current.sent, w.received)
+            while current.keyed and current.keyed[0][0] <= w.received:  # now among the dispatcher's leases
+                self._key_transit[current.keyed.popleft()[1]] -= 1
+        removed = set(gone) if delta else view.workers.keys() - reported
+        for session_id in removed & view.workers.keys():
+            self._drop_transit(view.workers.pop(session_id))
+            reshaped = True
+        if reshaped:
+            self._changed()
         return True
 
     def _changed(self) -> None:

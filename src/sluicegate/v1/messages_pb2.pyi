@@ -812,7 +812,11 @@ Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
 @_typing.final
 class DispatcherState(_message.Message):
-    """A dispatcher's snapshot of all its workers; the scheduler replaces its view per dispatcher."""
+    """What one dispatcher knows of its workers. A full snapshot (delta = false) replaces the scheduler's
+    view of that dispatcher; a delta carries only the workers that changed since the message before
+    it (seq one less), and the sessions that are gone. A delta that does not follow is ignored until
+    the next full snapshot, which comes at least once a second.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -822,15 +826,22 @@ class DispatcherState(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     KEY_LEASES_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
     dispatcher_id: _builtins.str
     seq: _builtins.int
     at_ms: _builtins.int
     draining: _builtins.bool
+    delta: _builtins.bool
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerState]: ...
     @_builtins.property
     def key_leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyLeases]:
-        """leases held per concurrency key (keys with none are left out)"""
+        """leases held per concurrency key (all keys with any, in deltas too)"""
+
+    @_builtins.property
+    def gone(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """session ids no longer here (deltas)"""
 
     def __init__(
         self,
@@ -841,10 +852,12 @@ class DispatcherState(_message.Message):
         workers: _abc.Iterable[Global___WorkerState] | None = ...,
         draining: _builtins.bool = ...,
         key_leases: _abc.Iterable[Global___KeyLeases] | None = ...,
+        delta: _builtins.bool = ...,
+        gone: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "key_leases", b"key_leases", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "delta", b"delta", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "gone", b"gone", "key_leases", b"key_leases", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

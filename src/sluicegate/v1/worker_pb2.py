@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluicegate.v1 import messages_pb2 as sluicegate_dot_v1_dot_messages__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluicegate/v1/worker.proto\x12\rsluicegate.v1\x1a\x1csluicegate/v1/messages.proto\"\xde\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.sluicegate.v1.RegisterRequest.LabelsEntry\x12I\n\x0e\x61\x63tion_options\x18\x06 \x03(\x0b\x32\x31.sluicegate.v1.RegisterRequest.ActionOptionsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\x12\x41\x63tionOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.sluicegate.v1.ActionOptions:\x02\x38\x01\"o\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"6\n\rListenRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xa9\x01\n\x07\x43ontrol\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.sluicegate.v1.Control.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_CANCEL\x10\x01\x12\x12\n\x0eKIND_RECONNECT\x10\x02\"i\n\rServerMessage\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\x12(\n\x08\x63ontrols\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Control\"\x83\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.sluicegate.v1.TaskEvent.Kind\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\"f\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_RECEIVED\x10\x01\x12\x10\n\x0cKIND_STARTED\x10\x02\x12\x12\n\x0eKIND_COMPLETED\x10\x03\x12\x0f\n\x0bKIND_FAILED\x10\x04\"`\n\rReportRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x18.sluicegate.v1.TaskEvent\"\xc8\x01\n\x0c\x45ventVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x34\n\x07verdict\x18\x03 \x01(\x0e\x32#.sluicegate.v1.EventVerdict.Verdict\"`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ACCEPTED\x10\x01\x12\x11\n\rVERDICT_STALE\x10\x02\x12\x13\n\x0fVERDICT_INVALID\x10\x03\"?\n\x0eReportResponse\x12-\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1b.sluicegate.v1.EventVerdict\"9\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x13\n\x11HeartbeatResponse2\xbb\x02\n\rWorkerService\x12K\n\x08Register\x12\x1e.sluicegate.v1.RegisterRequest\x1a\x1f.sluicegate.v1.RegisterResponse\x12\x46\n\x06Listen\x12\x1c.sluicegate.v1.ListenRequest\x1a\x1c.sluicegate.v1.ServerMessage0\x01\x12\x45\n\x06Report\x12\x1c.sluicegate.v1.ReportRequest\x1a\x1d.sluicegate.v1.ReportResponse\x12N\n\tHeartbeat\x12\x1f.sluicegate.v1.HeartbeatRequest\x1a .sluicegate.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluicegate/v1/worker.proto\x12\rsluicegate.v1\x1a\x1csluicegate/v1/messages.proto\"\xde\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.sluicegate.v1.RegisterRequest.LabelsEntry\x12I\n\x0e\x61\x63tion_options\x18\x06 \x03(\x0b\x32\x31.sluicegate.v1.RegisterRequest.ActionOptionsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\x12\x41\x63tionOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.sluicegate.v1.ActionOptions:\x02\x38\x01\"o\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xa9\x01\n\x07\x43ontrol\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.sluicegate.v1.Control.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_CANCEL\x10\x01\x12\x12\n\x0eKIND_RECONNECT\x10\x02\"\x98\x01\n\rServerMessage\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\x12(\n\x08\x63ontrols\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Control\x12-\n\x08verdicts\x18\x03 \x03(\x0b\x32\x1b.sluicegate.v1.EventVerdict\"\x83\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.sluicegate.v1.TaskEvent.Kind\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\"f\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_RECEIVED\x10\x01\x12\x10\n\x0cKIND_STARTED\x10\x02\x12\x12\n\x0eKIND_COMPLETED\x10\x03\x12\x0f\n\x0bKIND_FAILED\x10\x04\"`\n\rWorkerMessage\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x18.sluicegate.v1.TaskEvent\"\xc8\x01\n\x0c\x45ventVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x34\n\x07verdict\x18\x03 \x01(\x0e\x32#.sluicegate.v1.EventVerdict.Verdict\"`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ACCEPTED\x10\x01\x12\x11\n\rVERDICT_STALE\x10\x02\x12\x13\n\x0fVERDICT_INVALID\x10\x03\x32\xa7\x01\n\rWorkerService\x12K\n\x08Register\x12\x1e.sluicegate.v1.RegisterRequest\x1a\x1f.sluicegate.v1.RegisterResponse\x12I\n\x07Session\x12\x1c.sluicegate.v1.WorkerMessage\x1a\x1c.sluicegate.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,30 +44,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_end=426
   _globals['_REGISTERRESPONSE']._serialized_start=428
   _globals['_REGISTERRESPONSE']._serialized_end=539
-  _globals['_LISTENREQUEST']._serialized_start=541
-  _globals['_LISTENREQUEST']._serialized_end=595
-  _globals['_CONTROL']._serialized_start=598
-  _globals['_CONTROL']._serialized_end=767
-  _globals['_CONTROL_KIND']._serialized_start=702
-  _globals['_CONTROL_KIND']._serialized_end=767
-  _globals['_SERVERMESSAGE']._serialized_start=769
-  _globals['_SERVERMESSAGE']._serialized_end=874
-  _globals['_TASKEVENT']._serialized_start=877
-  _globals['_TASKEVENT']._serialized_end=1136
-  _globals['_TASKEVENT_KIND']._serialized_start=1034
-  _globals['_TASKEVENT_KIND']._serialized_end=1136
-  _globals['_REPORTREQUEST']._serialized_start=1138
-  _globals['_REPORTREQUEST']._serialized_end=1234
-  _globals['_EVENTVERDICT']._serialized_start=1237
-  _globals['_EVENTVERDICT']._serialized_end=1437
-  _globals['_EVENTVERDICT_VERDICT']._serialized_start=1341
-  _globals['_EVENTVERDICT_VERDICT']._serialized_end=1437
-  _globals['_REPORTRESPONSE']._serialized_start=1439
-  _globals['_REPORTRESPONSE']._serialized_end=1502
-  _globals['_HEARTBEATREQUEST']._serialized_start=1504
-  _globals['_HEARTBEATREQUEST']._serialized_end=1561
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1563
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1582
-  _globals['_WORKERSERVICE']._serialized_start=1585
-  _globals['_WORKERSERVICE']._serialized_end=1900
+  _globals['_CONTROL']._serialized_start=542
+  _globals['_CONTROL']._serialized_end=711
+  _globals['_CONTROL_KIND']._serialized_start=646
+  _globals['_CONTROL_KIND']._serialized_end=711
+  _globals['_SERVERMESSAGE']._serialized_start=714
+  _globals['_SERVERMESSAGE']._serialized_end=866
+  _globals['_TASKEVENT']._serialized_start=869
+  _globals['_TASKEVENT']._serialized_end=1128
+  _globals['_TASKEVENT_KIND']._serialized_start=1026
+  _globals['_TASKEVENT_KIND']._serialized_end=1128
+  _globals['_WORKERMESSAGE']._serialized_start=1130
+  _globals['_WORKERMESSAGE']._serialized_end=1226
+  _globals['_EVENTVERDICT']._serialized_start=1229
+  _globals['_EVENTVERDICT']._serialized_end=1429
+  _globals['_EVENTVERDICT_VERDICT']._serialized_start=1333
+  _globals['_EVENTVERDICT_VERDICT']._serialized_end=1429
+  _globals['_WORKERSERVICE']._serialized_start=1432
+  _globals['_WORKERSERVICE']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

@@ -39,20 +39,10 @@ class WorkerServiceStub:
                 request_serializer=sluicegate_dot_v1_dot_worker__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=sluicegate_dot_v1_dot_worker__pb2.RegisterResponse.FromString,
                 _registered_method=True)
-        self.Listen = channel.unary_stream(
-                '/sluicegate.v1.WorkerService/Listen',
-                request_serializer=sluicegate_dot_v1_dot_worker__pb2.ListenRequest.SerializeToString,
+        self.Session = channel.stream_stream(
+                '/sluicegate.v1.WorkerService/Session',
+                request_serializer=sluicegate_dot_v1_dot_worker__pb2.WorkerMessage.SerializeToString,
                 response_deserializer=sluicegate_dot_v1_dot_worker__pb2.ServerMessage.FromString,
-                _registered_method=True)
-        self.Report = channel.unary_unary(
-                '/sluicegate.v1.WorkerService/Report',
-                request_serializer=sluicegate_dot_v1_dot_worker__pb2.ReportRequest.SerializeToString,
-                response_deserializer=sluicegate_dot_v1_dot_worker__pb2.ReportResponse.FromString,
-                _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/sluicegate.v1.WorkerService/Heartbeat',
-                request_serializer=sluicegate_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=sluicegate_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
 
 
@@ -60,28 +50,17 @@ class WorkerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Opens a worker session. The response names the session every later call refers to.
+        """Opens a worker session. The response names the session the stream then attaches to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Listen(self, request, context):
-        """The session's stream of assignments and control messages. One open stream per session.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Report(self, request, context):
-        """Receipt acknowledgements and task events, batched.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Heartbeat(self, request, context):
-        """Keeps the session and its leases alive.
+    def Session(self, request_iterator, context):
+        """The session itself: assignments, verdicts and controls to the worker; receipts, task events and
+        heartbeats from it. The first WorkerMessage names the session. One open stream per session;
+        a newer one replaces it, and a session whose stream stays away longer than the dispatcher's
+        reconnect grace is lost (its leases are requeued).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,20 +74,10 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=sluicegate_dot_v1_dot_worker__pb2.RegisterRequest.FromString,
                     response_serializer=sluicegate_dot_v1_dot_worker__pb2.RegisterResponse.SerializeToString,
             ),
-            'Listen': grpc.unary_stream_rpc_method_handler(
-                    servicer.Listen,
-                    request_deserializer=sluicegate_dot_v1_dot_worker__pb2.ListenRequest.FromString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=sluicegate_dot_v1_dot_worker__pb2.WorkerMessage.FromString,
                     response_serializer=sluicegate_dot_v1_dot_worker__pb2.ServerMessage.SerializeToString,
-            ),
-            'Report': grpc.unary_unary_rpc_method_handler(
-                    servicer.Report,
-                    request_deserializer=sluicegate_dot_v1_dot_worker__pb2.ReportRequest.FromString,
-                    response_serializer=sluicegate_dot_v1_dot_worker__pb2.ReportResponse.SerializeToString,
-            ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=sluicegate_dot_v1_dot_worker__pb2.HeartbeatRequest.FromString,
-                    response_serializer=sluicegate_dot_v1_dot_worker__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,7 +118,7 @@ class WorkerService:
             _registered_method=True)
 
     @staticmethod
-    def Listen(request,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -159,66 +128,12 @@ class WorkerService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/sluicegate.v1.WorkerService/Listen',
-            sluicegate_dot_v1_dot_worker__pb2.ListenRequest.SerializeToString,
+            '/sluicegate.v1.WorkerService/Session',
+            sluicegate_dot_v1_dot_worker__pb2.WorkerMessage.SerializeToString,
             sluicegate_dot_v1_dot_worker__pb2.ServerMessage.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Report(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/sluicegate.v1.WorkerService/Report',
-            sluicegate_dot_v1_dot_worker__pb2.ReportRequest.SerializeToString,
-            sluicegate_dot_v1_dot_worker__pb2.ReportResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/sluicegate.v1.WorkerService/Heartbeat',
-            sluicegate_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
-            sluicegate_dot_v1_dot_worker__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
