@@ -36,11 +36,19 @@ class GroupCommit(Generic[T]):
 
     async def put(self, destination: str, item: T) -> None:
         """Publish `item` with whatever else is going to `destination`; returns once that publish did."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(destination, []).append((item, future))
+        await self.put_many(destination, [item])
+
+    async def put_many(self, destination: str, items: list[T]) -> None:
+        """Publish `items` (in as many batches as they need); returns once every one of them went out."""
+        if not items:
+            return
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.setdefault(destination, []).extend(zip(items, futures, strict=True))
         if destination not in self._senders:
             self._senders[destination] = asyncio.create_task(self._send(destination))
-        await future
+        for future in futures:
+            await future
 
     def _take(self, destination: str) -> list[tuple[T, asyncio.Future[None]]]:
         pending = self._pending[destination]

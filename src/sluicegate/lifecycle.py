@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeAlias
 
 from aio_pika.abc import AbstractExchange
@@ -26,7 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from sluicegate import amqp
-from sluicegate.errors import PublishError
+from sluicegate.errors import PublishError, Unroutable
 from sluicegate.metrics import counter, gauge, labelled_counter
 from sluicegate.settings import settings_config
 from sluicegate.v1 import messages_pb2
@@ -187,6 +188,8 @@ class LifecycleEmitter:
     what was emitted during shutdown still goes out.
     """
 
+    UNBOUND_PAUSE = 5.0  # seconds events are not built after a batch found no recorder's queue bound
+
     def __init__(
         self,
         topology: amqp.Topology,
@@ -194,8 +197,12 @@ class LifecycleEmitter:
         settings: LifecycleSettings | None = None,
         *,
         confirm_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings or LifecycleSettings()
+        self._clock = clock
+        self._unbound_until = 0.0
+        self.unrecorded = 0
         self.routing_key = topology.lifecycle_key(source)
         self.confirm_timeout = confirm_timeout
         self.emitted = self.published = self.dropped = self.batches = self.retries = 0
@@ -211,8 +218,21 @@ class LifecycleEmitter:
     def buffered(self) -> int:
         return len(self._buffer) + self._sending
 
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone records events: False for a while after a batch found no recorder's queue.
+
+        The recorder's queue is durable and bound once it has run (or `migrate` made it), so events
+        wait there while the recorder is down; only a deployment without a task store has none, and
+        there building events would be work for nobody. Callers check this before building one.
+        """
+        return self._unbound_until == 0.0 or self._clock() >= self._unbound_until
+
     def emit(self, event: messages_pb2.LifecycleEvent) -> None:
         """Buffer one event; never blocks, never raises. A full buffer drops its oldest event."""
+        if not self.wanted:
+            self.unrecorded += 1
+            return
         if len(self._buffer) >= self._capacity:
             self._buffer.popleft()
             self.dropped += 1
@@ -252,16 +272,17 @@ class LifecycleEmitter:
             batch = self._take()
             self._sending = len(batch)
             try:
-                await self._publish(exchange, batch)
+                kept = await self._publish(exchange, batch)
             finally:
                 self._sending = 0
-            self.published += len(batch)
+            self.published += len(batch) if kept else 0
             self.batches += 1
             if self._dropping and len(self._buffer) < self._capacity // 2:
                 self._dropping = False
                 log.info("lifecycle buffer has room again; %d event(s) dropped so far", self.dropped)
 
-    async def _publish(self, exchange: AbstractExchange, batch: list[bytes]) -> None:
+    async def _publish(self, exchange: AbstractExchange, batch: list[bytes]) -> bool:
+        """Publish until confirmed; False if no queue takes lifecycle events (nobody records them)."""
         body = encode_batch(batch)
         message_id = uuid.uuid4().hex  # the same for every retry of this batch
         delay = 0.05
@@ -271,11 +292,19 @@ class LifecycleEmitter:
                     exchange,
                     self.routing_key,
                     body,
-                    mandatory=False,
+                    mandatory=True,
                     timeout=self.confirm_timeout,
                     message_id=message_id,
                 )
-                return
+                self._unbound_until = 0.0
+                return True
+            except Unroutable:
+                # Nobody records events here (no task store): stop building them for a while.
+                self.unrecorded += len(batch)
+                if self._unbound_until == 0.0:
+                    log.info("no recorder's queue is bound: lifecycle events are not kept")
+                self._unbound_until = self._clock() + self.UNBOUND_PAUSE
+                return False
             except PublishError as err:
                 self.retries += 1
                 log.warning("lifecycle events not confirmed (%s); retrying in %.2fs", err, delay)
@@ -300,7 +329,12 @@ class LifecycleEmitter:
             "sluicegate_lifecycle_events",
             "Lifecycle events emitted, published to the broker, or dropped from a full buffer.",
             "outcome",
-            {"emitted": self.emitted, "published": self.published, "dropped": self.dropped},
+            {
+                "emitted": self.emitted,
+                "published": self.published,
+                "dropped": self.dropped,
+                "unrecorded": self.unrecorded,
+            },
         )
         yield counter(
             "sluicegate_lifecycle_publish_retries",

@@ -6,6 +6,9 @@ import asyncio
 import logging
 from typing import Any
 
+import aiormq
+import aiormq.abc
+import pamqp.commands
 import pytest
 
 from sluicegate import amqp
@@ -36,6 +39,7 @@ class FakeExchange:
         self.confirmed: list[messages_pb2.LifecycleBatch] = []
         self.gate: asyncio.Event | None = None
         self.lose_confirms = 0
+        self.unbound = False  # no queue takes the routing key: a mandatory publish is returned
 
     async def publish(self, message: Any, routing_key: str, *, mandatory: bool, timeout: float) -> None:
         self.calls.append({"id": message.message_id, "key": routing_key, "mandatory": mandatory})
@@ -44,7 +48,16 @@ class FakeExchange:
         if self.lose_confirms:
             self.lose_confirms -= 1
             raise TimeoutError
+        if self.unbound and mandatory:
+            raise _returned(routing_key)
         self.confirmed.append(messages_pb2.LifecycleBatch.FromString(message.body))
+
+
+def _returned(routing_key: str) -> aiormq.exceptions.PublishError:
+    """What aiormq raises for a mandatory publish the broker returned."""
+    returned = pamqp.commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key=routing_key)
+    message = aiormq.abc.DeliveredMessage(delivery=returned, header=None, body=b"", channel=None)  # type: ignore[arg-type]
+    return aiormq.exceptions.PublishError(message, returned)
 
 
 def _task(n: int = 0) -> messages_pb2.Task:
@@ -124,14 +137,35 @@ async def test_no_timer_is_armed_to_emit_or_publish(monkeypatch: pytest.MonkeyPa
     await _stop(task)
 
 
-async def test_publishes_are_not_mandatory_and_use_the_lifecycle_routing_key() -> None:
+async def test_publishes_are_mandatory_and_use_the_lifecycle_routing_key() -> None:
     exchange = FakeExchange()
     emitter = LifecycleEmitter(TOPOLOGY, "dispatcher")
     task = await _running(emitter, exchange)
     emitter.emit(_event(1))
     assert await emitter.drain(timeout=2)
     await _stop(task)
-    assert exchange.calls == [{"id": exchange.calls[0]["id"], "key": "lifecycle.dispatcher", "mandatory": False}]
+    assert exchange.calls == [{"id": exchange.calls[0]["id"], "key": "lifecycle.dispatcher", "mandatory": True}]
+
+
+async def test_with_no_recorder_bound_events_are_not_kept_and_not_built_for_a_while() -> None:
+    exchange = FakeExchange()
+    exchange.unbound = True
+    now = [100.0]
+    emitter = LifecycleEmitter(TOPOLOGY, "scheduler", clock=lambda: now[0])
+    task = await _running(emitter, exchange)
+    emitter.emit(_event(1))
+    assert await emitter.drain(timeout=2)
+    assert not emitter.wanted, "nobody records them: callers skip building events"
+    emitter.emit(_event(2))  # dropped at once, counted
+    assert (emitter.published, emitter.unrecorded) == (0, 2)
+    now[0] += LifecycleEmitter.UNBOUND_PAUSE
+    assert emitter.wanted, "a recorder may have appeared since: try again"
+    exchange.unbound = False
+    emitter.emit(_event(3))
+    assert await emitter.drain(timeout=2)
+    await _stop(task)
+    assert _ids(exchange.confirmed) == ["task-3"]
+    assert emitter.wanted
 
 
 async def test_a_lost_confirm_is_retried_with_the_same_message_id() -> None:
@@ -205,7 +239,7 @@ def test_metrics_report_emitted_published_dropped_and_buffered() -> None:
         emitter.emit(_event(n))
     families = {f.name: f for f in emitter.metrics()}
     outcomes = {s.labels["outcome"]: s.value for s in families["sluicegate_lifecycle_events"].samples}
-    assert outcomes == {"emitted": 3, "published": 0, "dropped": 1}
+    assert outcomes == {"emitted": 3, "published": 0, "dropped": 1, "unrecorded": 0}
     assert families["sluicegate_lifecycle_buffered"].samples[0].value == 2
     assert families["sluicegate_lifecycle_publish_retries"].samples[0].value == 0
 

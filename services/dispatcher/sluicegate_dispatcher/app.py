@@ -57,7 +57,7 @@ class Dispatcher:
         self.broker = broker
         self.clock = clock
         self.topology = amqp.Topology(broker.prefix)
-        self.sessions = Sessions(receipt_window=settings.receipt_window)
+        self.sessions = Sessions(receipt_window=settings.receipt_window, prefetch=settings.worker_prefetch)
         self.stats = DispatcherStats()
         self.lifecycle = lifecycle.LifecycleEmitter(
             self.topology, "dispatcher", lifecycle_settings, confirm_timeout=broker.confirm_timeout_s

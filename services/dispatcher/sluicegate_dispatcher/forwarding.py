@@ -51,6 +51,8 @@ class Forwarder:
         self._inbox = inbox
         self._lock_timeout, self._ack_timeout, self._max_payload = lock_timeout, ack_timeout, max_payload
         self._clock, self._draining = clock, draining
+        self._pumps: set[asyncio.Task[None]] = set()
+        sessions.on_room = self.kick
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -134,38 +136,65 @@ class Forwarder:
         await asyncio.gather(*(self.settler.requeue(a, delivery, reason, detail) for a in assignments))
 
     async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:
-        """Take the leases, then write the group in as few stream messages as the size limit allows."""
+        """Take the leases (into the session's queue), then send what the worker has room for."""
         now = self._clock()
-        pending: list[Pending] = []
         for assignment in group:
             key: LeaseKey = (assignment.task.task_id, assignment.attempt)
-            span = telemetry.start(
-                f"dispatch {assignment.task.action}",
-                assignment.trace,
-                kind=SpanKind.CONSUMER,
-                attributes=telemetry.task_attributes(
-                    key[0],
-                    key[1],
-                    **{
-                        "sluicegate.worker.id": session.worker_id,
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": self._inbox,
-                    },
-                ),
-            )
-            telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
             task = assignment.task
             concurrency = (task.tenant, task.action, task.concurrency_key) if task.concurrency_key else None
             lease = self.sessions.take(
-                session, key, assignment, delivery, now, self._ack_timeout, concurrency=concurrency
+                session,
+                key,
+                assignment,
+                delivery,
+                now,
+                self._ack_timeout,
+                concurrency=concurrency,
+                priority=task.priority,
+                queue=True,
             )
-            pending.append((assignment, lease, span))
+            lease.span = self._span(session, assignment)
+        await self.pump(session)
+
+    def kick(self, session: WorkerSession) -> None:
+        """Room opened on a worker with queued leases: send them (from the event loop, not the caller)."""
+        if session.queued and session.worker_room > 0 and session.stream is not None:
+            task = asyncio.create_task(self.pump(session))
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+    async def pump(self, session: WorkerSession) -> None:
+        """Write the queued leases the worker has room for, in as few stream messages as the size limit allows."""
+        if session.stream is None:
+            return
+        leases = self.sessions.forward_queued(session, self._clock(), self._ack_timeout)
+        if not leases:
+            return
+        pending: list[Pending] = [(lease.payload, lease, lease.span) for lease in leases]
         for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self._max_payload):
             if not await self._write(session, pending[start:end]):
                 for _, lease, span in pending[end:]:
                     span.end()
                     await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
                 return
+
+    def _span(self, session: WorkerSession, assignment: messages_pb2.Assignment) -> trace.Span:
+        span = telemetry.start(
+            f"dispatch {assignment.task.action}",
+            assignment.trace,
+            kind=SpanKind.CONSUMER,
+            attributes=telemetry.task_attributes(
+                assignment.task.task_id,
+                assignment.attempt,
+                **{
+                    "sluicegate.worker.id": session.worker_id,
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": self._inbox,
+                },
+            ),
+        )
+        telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
+        return span
 
     async def _write(
         self, session: WorkerSession, chunk: list[tuple[messages_pb2.Assignment, Lease, trace.Span]]

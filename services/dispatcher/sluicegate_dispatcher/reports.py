@@ -66,13 +66,21 @@ class Reports:
     def on_events(self, session: WorkerSession, events: Sequence[worker_pb2.TaskEvent]) -> list[Verdict]:
         """The verdicts that can be given now; those of finished attempts follow once they are settled."""
         verdicts = []
+        finished: list[tuple[Lease, worker_pb2.TaskEvent]] = []
         for event in events:
-            verdict = self._decide(session, event)
+            verdict = self._decide(session, event, finished)
             if verdict is not None:
                 verdicts.append(Verdict(task_id=event.task_id, attempt=event.attempt, verdict=verdict))
+        if finished:
+            self.spawn(self._finish_all(finished))
         return verdicts
 
-    def _decide(self, session: WorkerSession, event: worker_pb2.TaskEvent) -> Verdict.Verdict.ValueType | None:
+    def _decide(
+        self,
+        session: WorkerSession,
+        event: worker_pb2.TaskEvent,
+        finished: list[tuple[Lease, worker_pb2.TaskEvent]],
+    ) -> Verdict.Verdict.ValueType | None:
         if not event.task_id or event.attempt < 1 or event.kind not in (*RECEIPTS, *TERMINAL):
             return Verdict.VERDICT_INVALID
         key = (event.task_id, event.attempt)
@@ -91,7 +99,10 @@ class Reports:
         self.sessions.finishing(lease)
         task = lease.payload.task
         policy = effective_policy(task, session.action_options.get(task.action))
-        self.spawn(self._finish(lease, event, policy))
+        if fate_of(event, lease.payload.run_failures, policy) is Fate.FINISH:
+            finished.append((lease, event))  # the common case: settled together, below
+        else:
+            self.spawn(self._finish(lease, event, policy))
         return None
 
     def _receipt(self, session: WorkerSession, lease: Lease) -> Verdict.Verdict.ValueType:
@@ -101,15 +112,20 @@ class Reports:
             return Verdict.VERDICT_STALE
         if self.sessions.acknowledge(lease):
             self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
-            self.lifecycle.emit(
-                lifecycle.assignment_event(
-                    lifecycle.K.KIND_STARTED,
-                    lease.payload,
-                    worker_id=session.worker_id,
-                    dispatcher_id=self.dispatcher_id,
+            if self.lifecycle.wanted:
+                self.lifecycle.emit(
+                    lifecycle.assignment_event(
+                        lifecycle.K.KIND_STARTED,
+                        lease.payload,
+                        worker_id=session.worker_id,
+                        dispatcher_id=self.dispatcher_id,
+                    )
                 )
-            )
         return Verdict.VERDICT_ACCEPTED
+
+    async def _finish_all(self, finished: list[tuple[Lease, worker_pb2.TaskEvent]]) -> None:
+        await self.settler.finish_many(finished)
+        _accepted([(lease, event) for lease, event in finished])
 
     async def _finish(self, lease: Lease, event: worker_pb2.TaskEvent, policy: RetryPolicy) -> None:
         fate = fate_of(event, lease.payload.run_failures, policy)
@@ -119,6 +135,16 @@ class Reports:
             if fate is Fate.EXHAUSTED:
                 await self.settler.bury_exhausted(lease, event.error)
             await self.settler.finish(lease, event)
+        _accepted([(lease, event)])
+
+
+def _accepted(finished: list[tuple[Lease, worker_pb2.TaskEvent]]) -> None:
+    """Tell each worker its reports were carried out, on whatever stream its session has now."""
+    by_stream: dict[int, tuple[Any, list[Verdict]]] = {}
+    for lease, event in finished:
         stream = lease.session.stream
         if stream is not None:
-            stream.answer([Verdict(task_id=event.task_id, attempt=event.attempt, verdict=Verdict.VERDICT_ACCEPTED)])
+            verdict = Verdict(task_id=event.task_id, attempt=event.attempt, verdict=Verdict.VERDICT_ACCEPTED)
+            by_stream.setdefault(id(stream), (stream, []))[1].append(verdict)
+    for stream, verdicts in by_stream.values():
+        stream.answer(verdicts)

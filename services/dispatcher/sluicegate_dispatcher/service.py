@@ -160,6 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         previous = self.sessions.attach(session, stream, self.clock())
         if previous is not None:
             previous.end("replaced by a newer stream")
+        self.forwarder.kick(session)  # what waited in its queue while it had no stream
         self._handle(session, stream, first)
         reader = asyncio.create_task(self._read(session, stream, requests))
         ended = asyncio.create_task(stream.ended.wait())

@@ -9,6 +9,7 @@ scheduler's limits.
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -32,6 +33,10 @@ class Lease:
     received: bool = False
     finishing: bool = False  # a terminal report is being published for it
     concurrency: ConcurrencyKey | None = None
+    forwarded: bool = True  # written to the worker's stream (else waiting in the session's queue)
+    settled: bool = False
+    order: tuple[int, int] = (0, 0)  # (-priority, arrival): its place in the session's queue
+    span: Any = None  # the shell's dispatch span
 
 
 @dataclass(slots=True, eq=False)
@@ -53,17 +58,26 @@ class WorkerSession:
     closed: bool = False
     action_options: dict[str, Any] = field(default_factory=dict)  # the shell's per-action defaults
     finishing: int = 0  # leases whose handler finished, waiting for their result to be confirmed
+    prefetch: int = 0  # leases it may hold beyond its free slots, queued here until a slot frees
+    queue: list[tuple[tuple[int, int], Lease]] = field(default_factory=list)  # heap: priority, then arrival
+    queued: int = 0
 
     @property
     def streaming(self) -> bool:
         return self.stream is not None
 
     @property
-    def free_slots(self) -> int:
-        """Slots it can take now: free ones, within the window of unacknowledged assignments."""
+    def worker_room(self) -> int:
+        """Assignments that may be written to the worker now: free slots, within the receipt window."""
         window = self.window or self.slots
         # A finished handler frees its slot at once; its lease waits only for the broker's confirm.
-        return max(0, min(self.slots - len(self.leases) + self.finishing, window - self.unacknowledged))
+        running = len(self.leases) - self.finishing - self.queued
+        return max(0, min(self.slots - running, window - self.unacknowledged))
+
+    @property
+    def free_slots(self) -> int:
+        """Assignments it can take now, as the scheduler is told: room on the worker, and in its queue."""
+        return max(0, self.worker_room + self.prefetch - self.queued)
 
     @property
     def ready(self) -> bool:
@@ -73,8 +87,11 @@ class WorkerSession:
 class Sessions:
     """Every worker session on this dispatcher and every lease they hold."""
 
-    def __init__(self, *, remember_settled: int = 100_000, receipt_window: int = 0) -> None:
+    def __init__(self, *, remember_settled: int = 100_000, receipt_window: int = 0, prefetch: int = 0) -> None:
         self._receipt_window = receipt_window
+        self._prefetch = prefetch
+        self._arrivals = 0
+        self.on_room: Callable[[WorkerSession], None] = lambda _session: None  # a queued lease may go now
         self._by_worker: dict[str, WorkerSession] = {}
         self._by_session: dict[str, WorkerSession] = {}
         self._leases: dict[LeaseKey, Lease] = {}
@@ -139,6 +156,7 @@ class Sessions:
             last_seen=now,
             stream_lost_at=now,  # no stream yet: it must show up within the reconnect grace
             action_options=dict(action_options or {}),
+            prefetch=min(slots, self._prefetch),
         )
         self._by_worker[worker_id] = session
         self._by_session[session.session_id] = session
@@ -238,25 +256,56 @@ class Sessions:
         ack_timeout: float,
         *,
         concurrency: ConcurrencyKey | None = None,
+        priority: int = 0,
+        queue: bool = False,
     ) -> Lease:
-        """Take the lease of one attempt; `concurrency` is its task's (tenant, action, key), if it has a key."""
+        """Take the lease of one attempt, forwarded at once or (`queue`) waiting in the session's queue.
+
+        `concurrency` is its task's (tenant, action, key), if it has a key.
+        """
+        self._arrivals += 1
         lease = Lease(
             key=key,
             session=session,
             payload=payload,
             token=token,
             taken_at=now,
-            receipt_deadline=now + ack_timeout,
+            receipt_deadline=float("inf"),
             concurrency=concurrency,
+            forwarded=False,
+            order=(-priority, self._arrivals),
         )
         session.leases[key] = lease
-        session.unacknowledged += 1
         self._leases[key] = lease
-        self._receipts.append(lease)
         if concurrency is not None:
             self._by_concurrency[concurrency] += 1
+        if queue:
+            heapq.heappush(session.queue, (lease.order, lease))
+            session.queued += 1
+        else:
+            self._forwarded(lease, now, ack_timeout)
         self.changed(session)
         return lease
+
+    def _forwarded(self, lease: Lease, now: float, ack_timeout: float) -> None:
+        lease.forwarded = True
+        lease.receipt_deadline = now + ack_timeout
+        lease.session.unacknowledged += 1
+        self._receipts.append(lease)
+
+    def forward_queued(self, session: WorkerSession, now: float, ack_timeout: float) -> list[Lease]:
+        """Queued leases that may go to the worker now, highest priority first, then oldest."""
+        out: list[Lease] = []
+        while session.queue and session.worker_room > 0:
+            _, lease = heapq.heappop(session.queue)
+            if lease.settled:
+                continue
+            session.queued -= 1
+            self._forwarded(lease, now, ack_timeout)
+            out.append(lease)
+        if out:
+            self.changed(session)
+        return out
 
     def holder(self, key: LeaseKey, session: WorkerSession) -> Lease | None:
         """The lease for `key` if `session` holds it."""
@@ -281,17 +330,23 @@ class Sessions:
             lease.finishing = True
             lease.session.finishing += 1
             self.changed(lease.session)
+            if lease.session.queued:
+                self.on_room(lease.session)
 
     def settle(self, key: LeaseKey, *, finished: bool = False) -> Lease | None:
         """Remove and return the lease, or None if someone settled it already."""
         lease = self._leases.pop(key, None)
         if lease is None:
             return None
-        lease.session.leases.pop(key, None)
+        session = lease.session
+        session.leases.pop(key, None)
+        lease.settled = True
         if lease.finishing:
-            lease.session.finishing -= 1
-        if not lease.received:
-            lease.session.unacknowledged -= 1
+            session.finishing -= 1
+        if not lease.forwarded:
+            session.queued -= 1  # its queue entry is skipped when it comes up
+        elif not lease.received:
+            session.unacknowledged -= 1
         if lease.concurrency is not None:
             self._by_concurrency[lease.concurrency] -= 1
             if self._by_concurrency[lease.concurrency] <= 0:
@@ -299,7 +354,9 @@ class Sessions:
         self._settled[key] = finished
         if len(self._settled) > self._remember_settled:
             self._settled.popitem(last=False)
-        self.changed(lease.session)
+        self.changed(session)
+        if session.queued and lease.forwarded and not lease.finishing:
+            self.on_room(session)
         return lease
 
     def key_leases(self) -> dict[ConcurrencyKey, int]:
@@ -308,14 +365,17 @@ class Sessions:
 
     def acknowledge(self, lease: Lease) -> bool:
         """Record the worker's receipt of a lease; True the first time."""
-        if lease.received:
+        if lease.received or not lease.forwarded:
             return False
         lease.received = True
         lease.session.unacknowledged -= 1
         self.changed(lease.session)
+        if lease.session.queued:
+            self.on_room(lease.session)  # the receipt window has room again
         return True
 
     def unacknowledged(self, session: WorkerSession) -> list[Lease]:
+        """Leases the worker has not acknowledged: sent without a receipt yet, or still queued here."""
         return [lease for lease in session.leases.values() if not lease.received]
 
     def overdue_receipts(self, now: float) -> list[Lease]:

@@ -250,19 +250,33 @@ class Settler:
 
     async def finish(self, lease: Lease, event: worker_pb2.TaskEvent) -> None:
         """Publish a terminal result (with others for the same client), then settle its lease."""
-        result, span = self._result(lease, event)
+        await self.finish_many([(lease, event)])
+
+    async def finish_many(self, finished: Sequence[tuple[Lease, worker_pb2.TaskEvent]]) -> None:
+        """Publish terminal results, several per message per client, then settle each lease."""
+        by_client: dict[str, list[tuple[Lease, messages_pb2.TaskResult, Span]]] = {}
+        for lease, event in finished:
+            result, span = self._result(lease, event)
+            by_client.setdefault(lease.payload.task.reply_to, []).append((lease, result, span))
+        await asyncio.gather(*(self._deliver(reply_to, group) for reply_to, group in by_client.items()))
+
+    async def _deliver(self, reply_to: str, group: list[tuple[Lease, messages_pb2.TaskResult, Span]]) -> None:
         try:
-            await self._results.put(lease.payload.task.reply_to, result)
+            await self._results.put_many(reply_to, [result for _, result, _ in group])
         except Unroutable:
-            # The submitting client has gone; the result has nobody to go to. Counted, logged.
-            self.stats.results_unclaimed += 1
-            log.warning("a result has no listener (client %s gone)", lease.payload.task.reply_to)
+            # The submitting client has gone; the results have nobody to go to. Counted, logged.
+            self.stats.results_unclaimed += len(group)
+            log.warning("%d result(s) have no listener (client %s gone)", len(group), reply_to)
         finally:
-            span.end()
-        self._count(lease, result)
-        self.lifecycle.emit(lifecycle.result_event(lease.payload, result))
-        self.sessions.settle(lease.key, finished=True)
-        await self.item_done(lease.token)
+            for _, _, span in group:
+                span.end()
+        wanted = self.lifecycle.wanted
+        for lease, result, _ in group:
+            self._count(lease, result)
+            if wanted:
+                self.lifecycle.emit(lifecycle.result_event(lease.payload, result))
+            self.sessions.settle(lease.key, finished=True)
+            await self.item_done(lease.token)
 
     async def _publish_results(self, reply_to: str, results: list[messages_pb2.TaskResult]) -> None:
         """Publish results to their client's queue; unroutable for UNCLAIMED_AFTER seconds means it is gone.

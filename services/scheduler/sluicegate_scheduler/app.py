@@ -83,6 +83,7 @@ class Scheduler:
             self.topology, "scheduler", confirm_timeout=broker.confirm_timeout_s
         )
         self.core.on_event = self.lifecycle.emit
+        self.core.recording = lambda: self.lifecycle.wanted
         self.pool = self.core.pool
         self.stats = self.core.stats
         self.clock = clock

@@ -249,19 +249,27 @@ class WorkerPool:
             mine = [w for w in workers if w.worker_id == sticky and w.ready and w.serves(tenant, action, labels)]
             if mine:
                 return next((w for w in mine if w.free > 0), None)
+        count = len(workers)
+        if not count:
+            return None
+        cooling = self._cooling
         # Start the scan at a rotating offset and keep the first best: equal workers take turns.
-        start = next(self._rotation) % len(workers) if workers else 0
-        for w in workers[start:] + workers[:start]:
-            free = w.free
-            if free <= 0 or not w.serves(tenant, action, labels):
+        # (The hot loop of the scheduler: the free-slot estimate is inlined.)
+        start = next(self._rotation) % count
+        for index in range(count):
+            w = workers[(start + index) % count]
+            if not w.ready:
                 continue
-            if w.worker_id in avoid or self._cooling.get(w.worker_id, (0.0, 0))[0] > now:
+            transit = w.sent - w.reported_received
+            free = w.reported_free - (transit if transit > 0 else 0)
+            if free <= 0:
+                continue
+            if labels and not all(w.labels.get(k) == v for k, v in labels.items()):
+                continue
+            if (avoid and w.worker_id in avoid) or (cooling and cooling.get(w.worker_id, (0.0, 0))[0] > now):
                 fallback = fallback or w
                 continue
-            score = (
-                w.preference(preferred) if preferred else 0,
-                free / w.slots,
-            )  # the share of free slots spreads load
+            score = (w.preference(preferred) if preferred else 0, free / w.slots)  # free share spreads load
             if score > best_score:
                 best, best_score = w, score
         return best or fallback

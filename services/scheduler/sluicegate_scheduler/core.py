@@ -81,7 +81,8 @@ class Core:
         self.to_ack: list[amqp.Delivery] = []  # deliveries whose every item found its fate
         # Lifecycle events for whoever records task histories; nothing waits for them.
         self.on_event: Callable[[messages_pb2.LifecycleEvent], None] = lambda _event: None
-        self.burial = Burial(self.outbox, self.ledger, self.stats, wall, lambda event: self.on_event(event))
+        self.recording: Callable[[], bool] = lambda: False  # whether anyone keeps them (else not built)
+        self.burial = Burial(self.outbox, self.ledger, self.stats, wall, self._record)
         self.burial.done = self.done
         self.placement = Placement(self, config)
         self._arrivals: list[Pending] = []  # held only until the end of the round they came in
@@ -113,7 +114,10 @@ class Core:
                 self.burial.bury(item, messages_pb2.TASK_STATUS_REJECTED)
                 continue
             item.not_before_ms = task.run_at_ms
-            self.on_event(lifecycle.task_event(K.KIND_SUBMITTED, _light(task), at_ms=self.wall(), include_task=True))
+            if self.recording():
+                self.on_event(
+                    lifecycle.task_event(K.KIND_SUBMITTED, _light(task), at_ms=self.wall(), include_task=True)
+                )
             self._admit(item)
 
     def take_requeued(
@@ -149,12 +153,13 @@ class Core:
                 self.stats.duplicate_requeues += 1
                 continue
             self.stats.requeued[reason.value] += 1
-            last = history[-1] if history else None
-            self.on_event(
-                lifecycle.assignment_event(
-                    K.KIND_REQUEUED, a, reason=reason.value, detail=last.detail if last else "", at_ms=self.wall()
+            if self.recording():
+                last = history[-1] if history else None
+                self.on_event(
+                    lifecycle.assignment_event(
+                        K.KIND_REQUEUED, a, reason=reason.value, detail=last.detail if last else "", at_ms=self.wall()
+                    )
                 )
-            )
             if reason in STALL_REASONS and a.worker_id:
                 self.pool.cool_down(a.worker_id, self.clock(), self.config.worker_cooldown)
             if reason == Reason.INVALID or item.dispatch_failures >= self.config.max_dispatch_attempts:
@@ -388,9 +393,13 @@ class Core:
         else:
             self.burial.confirmed(batch, self.done)
 
+    def _record(self, event: messages_pb2.LifecycleEvent) -> None:
+        if self.recording():
+            self.on_event(event)
+
     def _parked(self, item: Pending, why: str) -> None:
         """Its park is confirmed: its delivery may go. (It counts as parked since the publish.)"""
-        if item.origin != Origin.LANE:
+        if item.origin != Origin.LANE and self.recording():
             self.on_event(
                 lifecycle.task_event(K.KIND_WAITING, item.task, attempt=item.attempt - 1, reason=why, at_ms=self.wall())
             )

@@ -81,16 +81,18 @@ class Placement:
         """Place the oldest task of the lane that can go now; False if none can."""
         core = self._core
         key = lane.key
+        limits, rates = self._config.concurrency, self._config.rates
         for item in islice(lane.held, self._config.lane_scan):
             task = item.task
             scope: KeyScope | None = (task.tenant, task.action, task.concurrency_key) if task.concurrency_key else None
-            cap = self._config.concurrency.cap(task.action, task.concurrency_key)
-            if scope is not None and cap is not None and core.pool.running(scope) >= cap:
-                self.blocked[lane.name] = "at_limit"
-                if key.overflow:
-                    continue
-                return False
-            wait = self._config.rates.wait(task.tenant, task.action, task.concurrency_key, now)
+            if scope is not None and limits:
+                cap = limits.cap(task.action, task.concurrency_key)
+                if cap is not None and core.pool.running(scope) >= cap:
+                    self.blocked[lane.name] = "at_limit"
+                    if key.overflow:
+                        continue
+                    return False
+            wait = rates.wait(task.tenant, task.action, task.concurrency_key, now) if rates else 0.0
             if wait > 0:
                 self.blocked[lane.name] = "at_limit"
                 core.wake(now + wait)
@@ -98,9 +100,15 @@ class Placement:
                     continue
                 return False
             sticky = self._sticky.get((task.tenant, task.sticky_key), "") if task.sticky_key else ""
-            preferred = [(p.key, p.value, p.weight) for p in task.preferred]
+            preferred = [(p.key, p.value, p.weight) for p in task.preferred] if task.preferred else ()
             worker = core.pool.pick(
-                task.tenant, task.action, dict(task.labels), item.avoid, now, preferred=preferred, sticky=sticky
+                task.tenant,
+                task.action,
+                dict(task.labels) if task.labels else {},
+                item.avoid,
+                now,
+                preferred=preferred,
+                sticky=sticky,
             )
             if worker is None:
                 self.blocked.setdefault(lane.name, "busy")
@@ -116,7 +124,8 @@ class Placement:
         task = item.task
         core.unhold(item)
         core.pool.assigned(worker, scope)
-        self._config.rates.take(task.tenant, task.action, task.concurrency_key, now)
+        if self._config.rates:
+            self._config.rates.take(task.tenant, task.action, task.concurrency_key, now)
         if task.sticky_key:
             self._sticky[(task.tenant, task.sticky_key)] = worker.worker_id
             self._sticky.move_to_end((task.tenant, task.sticky_key))
@@ -166,7 +175,8 @@ class Placement:
         for entry in batch:
             _, _, span = entry.extra
             span.end()
-            core.on_event(lifecycle.assignment_event(K.KIND_ASSIGNED, entry.body, at_ms=core.wall()))
+            if core.recording():
+                core.on_event(lifecycle.assignment_event(K.KIND_ASSIGNED, entry.body, at_ms=core.wall()))
             if entry.item is not None:
                 core.ledger.placed(entry.item.key)
                 core.done(entry.item.source)
