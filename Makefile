@@ -2,7 +2,8 @@
 PYTHON ?= .venv/bin/python
 LINTED := src services tests scripts
 
-.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean \
+	docker-engine docker-images image-test compose-test test-containers docker-stop docker-clean
 BENCH_ARGS ?= --wait-quiet 300 --record
 
 venv: .venv/.installed
@@ -40,6 +41,28 @@ demo: venv
 
 chaos: venv
 	$(PYTHON) scripts/chaos.py
+
+# Real containers (scripts/containers.py: a Docker engine and base images from Debian, no registry
+# needed). Each target removes what it created; the base images are kept for the next run.
+CONTAINER_TESTS := SLUICEGATE_CONTAINER_TESTS=1 $(PYTHON) -m pytest -p no:cacheprovider -q -s
+
+docker-engine:
+	python3 scripts/containers.py engine
+
+docker-images: venv
+	$(PYTHON) scripts/containers.py images
+
+image-test: docker-images
+	$(CONTAINER_TESTS) tests/containers/test_image.py
+
+compose-test: docker-images
+	$(CONTAINER_TESTS) tests/containers/test_compose.py
+
+docker-stop:
+	python3 scripts/containers.py stop-engine
+
+docker-clean:
+	python3 scripts/containers.py clean
 
 bench: venv .venv/.bench-installed
 	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)
