@@ -58,6 +58,17 @@ image-test: docker-images
 compose-test: docker-images
 	$(CONTAINER_TESTS) tests/containers/test_compose.py
 
+# The integration tests against containers that testcontainers starts from these images (the
+# official ones work too where a registry is reachable: make test-containers TEST_RABBITMQ_IMAGE=...).
+# Ryuk, testcontainers' reaper, is an image from a registry; the fixtures stop their containers.
+TEST_RABBITMQ_IMAGE ?= sluicegate-local/rabbitmq:3.10
+TEST_POSTGRES_IMAGE ?= sluicegate-local/postgres:15
+
+test-containers: docker-images
+	env -u RABBITMQ_URL -u SLUICEGATE_RABBITMQ_URL TESTCONTAINERS_RYUK_DISABLED=true \
+		SLUICEGATE_TEST_RABBITMQ_IMAGE=$(TEST_RABBITMQ_IMAGE) SLUICEGATE_TEST_POSTGRES_IMAGE=$(TEST_POSTGRES_IMAGE) \
+		$(PYTHON) -m pytest -p no:cacheprovider -q tests/integration
+
 docker-stop:
 	python3 scripts/containers.py stop-engine
 
