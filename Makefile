@@ -1,6 +1,6 @@
 # One command runner for people, CI and the README.
 PYTHON ?= .venv/bin/python
-LINTED := src services tests scripts
+LINTED := src services tests scripts deploy
 
 .PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean \
 	docker-engine docker-images image-test compose-test test-containers docker-stop docker-clean
@@ -52,8 +52,9 @@ docker-engine:
 docker-images: venv
 	$(PYTHON) scripts/containers.py images
 
+# The image built from the Dockerfile and every role run from it, then the compose stack.
 image-test: docker-images
-	$(CONTAINER_TESTS) tests/containers/test_image.py
+	$(CONTAINER_TESTS) tests/containers
 
 compose-test: docker-images
 	$(CONTAINER_TESTS) tests/containers/test_compose.py
