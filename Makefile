@@ -39,7 +39,7 @@ test-integration: venv
 demo: venv
 	.venv/bin/sluicegate demo
 
-chaos: venv
+chaos: venv docker-images
 	$(PYTHON) scripts/chaos.py
 
 # Real containers (scripts/containers.py: a Docker engine and base images from Debian, no registry
