@@ -1,6 +1,7 @@
 """A Docker engine and the base images the container tests build on, from Debian alone (no registry needed).
 
-    python scripts/containers.py engine        # make a Docker engine answer (install docker.io, start dockerd)
+    python scripts/containers.py engine        # make a Docker engine answer (install docker.io and
+                                               # docker-compose, start dockerd)
     python scripts/containers.py images        # engine, then the base images (built once, then reused)
     python scripts/containers.py stop-engine   # stop the engine if `engine` started it, else nothing
     python scripts/containers.py clean         # remove the base images
@@ -58,6 +59,9 @@ class BaseImage:
     needs_ca_bundle: bool = False
 
 
+# Debian packages and the program each provides: the engine, and compose for the stack's test.
+TOOLS = (("docker.io", "dockerd"), ("docker-compose", "docker-compose"))
+
 BOOKWORM = "sluicegate-local/bookworm:base"
 PYTHON = BaseImage("sluicegate-local/python:3.11", "python", needs_ca_bundle=True)
 RABBITMQ = BaseImage("sluicegate-local/rabbitmq:3.10", "rabbitmq")
@@ -104,10 +108,13 @@ def apt_install(*packages: str) -> None:
 
 def ensure_engine() -> None:
     """Make `docker info` answer: an engine already running is used as it is, else one is started."""
+    missing = [package for package, binary in TOOLS if shutil.which(binary) is None]
+    if engine_answers() and not missing:
+        return
+    if missing:
+        apt_install(*missing)
     if engine_answers():
         return
-    if shutil.which("dockerd") is None:
-        apt_install("docker.io")
     STATE.mkdir(parents=True, exist_ok=True)
     log_path = STATE / "dockerd.log"
     log(f"starting dockerd --iptables=false --ip-masq=false (log {log_path})")
