@@ -133,17 +133,15 @@ def _one_off_submit_probed_every_second(docker: Docker, image: str, site: Site, 
 
 
 class Deployment:
-    """The roles of one site as containers, removed (and their queues deleted) at the end."""
+    """The roles of one site as containers; `stop` removes them (the deployments fixture, at the latest)."""
 
     def __init__(self, docker: Docker, image: str, roles: list[Role], site: Site, network: str, tag: str) -> None:
-        self.docker, self.image, self.roles, self.site, self.network, self.tag = (
-            docker,
-            image,
-            roles,
-            site,
-            network,
-            tag,
-        )
+        self.docker = docker
+        self.image = image
+        self.roles = roles
+        self.site = site
+        self.network = network
+        self.tag = tag
         self.containers: dict[str, str] = {}  # suffix -> container name
 
     def start(self) -> None:
