@@ -1,8 +1,9 @@
 # One command runner for people, CI and the README.
 PYTHON ?= .venv/bin/python
-LINTED := src services tests scripts
+LINTED := src services tests scripts deploy
 
-.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean \
+	docker-engine docker-images image-test compose-test test-containers docker-stop docker-clean
 BENCH_ARGS ?= --wait-quiet 300 --record
 
 venv: .venv/.installed
@@ -38,8 +39,42 @@ test-integration: venv
 demo: venv
 	.venv/bin/sluicegate demo
 
-chaos: venv
+chaos: venv docker-images
 	$(PYTHON) scripts/chaos.py
+
+# Real containers (scripts/containers.py: a Docker engine and base images from Debian, no registry
+# needed). Each target removes what it created; the base images are kept for the next run.
+CONTAINER_TESTS := SLUICEGATE_CONTAINER_TESTS=1 $(PYTHON) -m pytest -p no:cacheprovider -q -s
+
+docker-engine:
+	python3 scripts/containers.py engine
+
+docker-images: venv
+	$(PYTHON) scripts/containers.py images
+
+# The image built from the Dockerfile and every role run from it, then the compose stack.
+image-test: docker-images
+	$(CONTAINER_TESTS) tests/containers
+
+compose-test: docker-images
+	$(CONTAINER_TESTS) tests/containers/test_compose.py
+
+# The integration tests against containers that testcontainers starts from these images (the
+# official ones work too where a registry is reachable: make test-containers TEST_RABBITMQ_IMAGE=...).
+# Ryuk, testcontainers' reaper, is an image from a registry; the fixtures stop their containers.
+TEST_RABBITMQ_IMAGE ?= sluicegate-local/rabbitmq:3.10
+TEST_POSTGRES_IMAGE ?= sluicegate-local/postgres:15
+
+test-containers: docker-images
+	env -u RABBITMQ_URL -u SLUICEGATE_RABBITMQ_URL TESTCONTAINERS_RYUK_DISABLED=true \
+		SLUICEGATE_TEST_RABBITMQ_IMAGE=$(TEST_RABBITMQ_IMAGE) SLUICEGATE_TEST_POSTGRES_IMAGE=$(TEST_POSTGRES_IMAGE) \
+		$(PYTHON) -m pytest -p no:cacheprovider -q tests/integration
+
+docker-stop:
+	python3 scripts/containers.py stop-engine
+
+docker-clean:
+	python3 scripts/containers.py clean
 
 bench: venv .venv/.bench-installed
 	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)

@@ -296,6 +296,14 @@ async def publish(
     )
     try:
         await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout)
+    except asyncio.CancelledError as err:
+        # aiormq cancels the confirm it awaits when it drops a connection (one whose heartbeats
+        # stopped, say): a lost confirm, which must not end the caller's loop as a cancellation
+        # would. Only a cancellation of the calling task itself goes on as one.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise PublishError(f"publish to {exchange.name!r} was not confirmed: the connection was lost") from err
     except aiormq.exceptions.PublishError as err:
         raise Unroutable(f"no queue bound for {exchange.name!r} / {routing_key!r}") from err
     except (

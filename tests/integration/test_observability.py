@@ -23,7 +23,7 @@ from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
 from sluicegate.worker import TaskContext, Worker
 
-from .conftest import Stack
+from .conftest import Stack, eventually
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -194,6 +194,9 @@ async def test_metrics_endpoint_reports_what_happened(stack: Stack) -> None:
     ids = await client.submit_many([__import__("sluicegate").TaskSpec("echo", b"x") for _ in range(20)])
     ids.append(await client.submit("fail", None))
     await asyncio.wait_for(asyncio.gather(*(client.result(i) for i in ids)), 30)
+    # The dispatcher counts a result once its publish is confirmed, which can be just after the
+    # client has it.
+    await eventually(lambda: dispatcher.stats.completed + dispatcher.stats.failed == 21, timeout=10)
 
     async with (
         MetricsServer(dispatcher.metrics.registry, host="127.0.0.1", port=0, ready=lambda: dispatcher.ready) as d,
