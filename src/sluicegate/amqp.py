@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,8 @@ from aio_pika.abc import (
 )
 
 from sluicegate.errors import PublishError, Unroutable
-from sluicegate.settings import BrokerSettings
+from sluicegate.failover import FailoverConnection
+from sluicegate.settings import BrokerSettings, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -153,25 +155,44 @@ def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> d
     )
 
 
-async def connect(url: str, *, deadline: float = 30.0) -> AbstractRobustConnection:
-    """Connect robustly, retrying the first connect (which connect_robust does not) until `deadline`."""
+async def connect(
+    urls: str | Sequence[str], *, deadline: float = 30.0, heartbeat: int | None = None
+) -> AbstractRobustConnection:
+    """Connect robustly to one of the broker addresses, retrying the first connect until `deadline`.
+
+    `urls` is a list of addresses or a comma-separated string of them (the nodes of one cluster).
+    The connection starts at a random one, so that processes spread over the nodes, and moves to
+    the next whenever it is lost (FailoverConnection). connect_robust does not retry a first
+    connect that fails; this does, trying every address before pausing.
+    """
+    addresses = split_urls(urls) if isinstance(urls, str) else tuple(urls)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
+    start = random.randrange(len(addresses))
     delay = 0.1
+    attempt = 0
     while True:
+        connection = FailoverConnection(addresses, start=start + attempt, heartbeat=heartbeat)
+        attempt += 1
         try:
-            return await aio_pika.connect_robust(url, timeout=5)
+            await connection.connect(timeout=5)
+            return connection
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
-            if loop.time() + delay > give_up:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            untried = attempt % len(addresses) != 0  # another address may answer at once
+            if loop.time() + (0.0 if untried else delay) > give_up:
                 raise PublishError("cannot reach the broker") from err
+            if untried:
+                continue
             log.warning("broker not reachable yet, retrying in %.1fs", delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
 
 async def connect_broker(broker: BrokerSettings) -> AbstractRobustConnection:
-    """Connect to the broker the settings name, retrying for as long as they allow."""
-    return await connect(broker.url, deadline=broker.connect_deadline.total_seconds())
+    """Connect to the broker addresses the settings name, retrying for as long as they allow."""
+    return await connect(broker.urls, deadline=broker.connect_deadline.total_seconds(), heartbeat=broker.heartbeat_s)
 
 
 async def publish(
