@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -222,14 +223,43 @@ async def publish(
         await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout)
     except aiormq.exceptions.PublishError as err:
         raise Unroutable(f"no queue bound for {exchange.name!r} / {routing_key!r}") from err
+    except aiormq.exceptions.DeliveryError as err:  # a nack
+        await renew_channel(exchange)
+        raise PublishError(f"publish to {exchange.name!r} was nacked") from err
     except (
         TimeoutError,
-        aiormq.exceptions.DeliveryError,
         aiormq.exceptions.AMQPError,
         ConnectionError,
         RuntimeError,
     ) as err:
         raise PublishError(f"publish to {exchange.name!r} was not confirmed") from err
+
+
+# When each publishing channel was last renewed after a nack (see renew_channel).
+_renewed: weakref.WeakKeyDictionary[AbstractChannel, float] = weakref.WeakKeyDictionary()
+RENEW_AT_MOST_EVERY_S = 0.5
+
+
+async def renew_channel(exchange: AbstractExchange) -> None:
+    """After a nack, replace the exchange's channel with a fresh one; the robust channel reopens itself.
+
+    RabbitMQ 3.10 nacks every publish, for as long as the channel lives, of a channel that was
+    opened while a quorum queue it publishes to had lost its leader with a node; a channel opened
+    a moment later on the same connection publishes at once (measured on a three-node cluster).
+    A channel restored right after a failover is such a channel, so a nack retires the channel and
+    the publisher's retry goes through a new one. Publishes nacked together renew it once.
+    """
+    channel = getattr(exchange, "channel", None)
+    if not isinstance(channel, AbstractChannel) or channel.is_closed:
+        return
+    now = asyncio.get_running_loop().time()
+    if now - _renewed.get(channel, -RENEW_AT_MOST_EVERY_S) < RENEW_AT_MOST_EVERY_S:
+        return
+    _renewed[channel] = now
+    with contextlib.suppress(Exception):  # a channel already going away is reopened anyway
+        underlay = await channel.get_underlay_channel()
+        await underlay.close()
+    log.warning("publishes to %r were nacked; reopened the channel", exchange.name)
 
 
 async def publish_until_confirmed(

@@ -6,6 +6,7 @@ messages themselves (`Requeue.at_ms`, `TaskResult.finished_at_ms`) compare with 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,26 @@ class Ledger:
             if later:
                 reassign.append(max(0, min(later) - origin))
         return requeue, reassign
+
+
+def flow_after(ledger: Ledger, windows: list[tuple[int, int]], lead_ms: int = 1000) -> dict[str, Any]:
+    """How long tasks stopped flowing around faults, each window (start, end) in wall-clock ms.
+
+    `gap_ms` is the longest silence in the stream of results seen within a window (the time from
+    the fault to the first result after it counts; a window without any is all silence); `recovery_ms` spreads the
+    submit-to-result time of the tasks submitted from `lead_ms` before a window to its end: the
+    p99 of it is how long a task caught by the fault waited until tasks flowed again.
+    """
+    seen = sorted(p[0].seen_ms for p in ledger.results.values() if p)
+    gaps: list[int] = []
+    waited: list[int] = []
+    for start, end in windows:
+        inside = [t for t in seen if start <= t <= end]
+        gaps.append(max((b - a for a, b in itertools.pairwise([start, *inside])), default=end - start))
+        for task_id, submitted in ledger.submitted.items():
+            if start - lead_ms <= submitted <= end and ledger.results.get(task_id):
+                waited.append(ledger.results[task_id][0].seen_ms - submitted)
+    return {"gap_ms": max(gaps, default=0), "recovery_ms": spread(waited)}
 
 
 def spread(values: list[int] | list[float]) -> dict[str, float] | None:

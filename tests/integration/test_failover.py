@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from yarl import URL
 
 from sluicegate import amqp
+from sluicegate.errors import PublishError
 from sluicegate.failover import FailoverConnection
 from sluicegate.settings import split_urls
 from tests.chaos.proxy import FlakyProxy
@@ -78,3 +79,30 @@ async def test_first_connect_skips_an_address_that_is_down(rabbitmq_url: str) ->
             await connection.close()
     finally:
         await proxy.close()
+
+
+async def test_a_nacked_publish_raises_and_renews_the_channel(rabbitmq_url: str) -> None:
+    """A nack retires the channel it came through (see amqp.renew_channel); the next publish uses a new one."""
+    name = f"t-nack-{uuid.uuid4().hex[:8]}"
+    connection = await amqp.connect(rabbitmq_url, deadline=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Full at one message, and refusing more: the broker nacks the second publish at once (a
+        # classic queue applies the limit at once; a quorum queue a little later).
+        args = {"x-max-length": 1, "x-overflow": "reject-publish"}
+        queue = await channel.declare_queue(name, durable=False, arguments=args)
+        await amqp.publish(channel.default_exchange, name, b"one")
+        before = await channel.get_underlay_channel()
+        with pytest.raises(PublishError, match="nacked"):
+            await amqp.publish(channel.default_exchange, name, b"two")
+        await eventually(lambda: not channel.is_closed, timeout=5)
+        await channel.ready()
+        assert await channel.get_underlay_channel() is not before, "the channel was renewed"
+        message = await queue.get(timeout=5)
+        await message.ack()
+        await amqp.publish(channel.default_exchange, name, b"three")  # through the new channel
+        assert (await queue.get(timeout=5)).body == b"three"
+    finally:
+        cleanup = await connection.channel()
+        await cleanup.queue_delete(name)
+        await connection.close()

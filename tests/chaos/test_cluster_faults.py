@@ -1,0 +1,209 @@
+"""Scenarios on a private three-node cluster, under load: the leaders' node killed, a node frozen, a rolling restart.
+
+Every part (scheduler, dispatchers, client, observer) is given all three node addresses and
+fails over between them by itself; the quorum queues have a replica on every node (RabbitMQ
+3.10's default group size is 3). Each scenario reports, besides the usual figures, how long
+tasks stopped flowing around each fault (`gap_ms`) and how long the tasks caught by it waited
+(`recovery_ms`: p50 / p99 / max of submit-to-result for those submitted from 1 s before the
+fault until the cluster was whole again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sluicegate.wire import now_ms
+
+from .broker import QUEUES, PrivateBroker, PrivateCluster
+from .conftest import ScenarioFactory, full_only, sizes
+from .harness import Scenario, Size, sleep_spec
+from .ledger import flow_after
+
+# After a fault, the window in which a silence counts as tasks not flowing, when nothing else ends it.
+WINDOW_MS = 10_000
+
+
+async def start_stack(sc: Scenario) -> Any:
+    """A scheduler, two dispatchers and six workers (each knowing both dispatchers), all in-process."""
+    scheduler = await sc.start_scheduler()
+    dispatchers = [await sc.start_dispatcher(), await sc.start_dispatcher()]
+    a, b = (f"127.0.0.1:{d.port}" for d in dispatchers)
+    for i in range(6):
+        await sc.start_worker([a, b] if i % 2 == 0 else [b, a], f"w{i}", slots=12)
+    return scheduler
+
+
+async def tasks_leader(cluster: PrivateCluster, sc: Scenario) -> tuple[PrivateBroker, str]:
+    """The node holding the leader of the `tasks` queue, and how many of the scenario's queues it leads."""
+    leaders = await cluster.leaders(sc.prefix + ".")
+    node = leaders[sc.topology.tasks]
+    return cluster.by_name(node), f"{Counter(leaders.values())[node]} of {len(leaders)}"
+
+
+def at_fraction(sc: Scenario, fraction: float) -> float:
+    """Seconds to wait until `fraction` of the load's planned duration has passed."""
+    load = sc.loads[0]
+    return max(0.0, fraction * sc.size.seconds - (asyncio.get_running_loop().time() - load.started_at))
+
+
+class LoopLag:
+    """The longest the test's event loop (where the in-process parts run) was late, in ms."""
+
+    def __init__(self, tick: float = 0.05) -> None:
+        self.tick, self.worst_ms = tick, 0.0
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.tick)
+            self.worst_ms = max(self.worst_ms, (loop.time() - before - self.tick) * 1000)
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return round(self.worst_ms)
+
+
+def flowed_between(sc: Scenario, start_ms: int, end_ms: int) -> int:
+    """Results seen in (start, end]: tasks flowing while a node was away."""
+    return sum(1 for p in sc.ledger.results.values() if p and start_ms < p[0].seen_ms <= end_ms)
+
+
+def check_invariants(f: dict[str, Any]) -> None:
+    assert f["lost"] == 0, f"lost {f['lost_ids']}"
+    assert f["stale_accepted"] == 0, f"completions of superseded attempts accepted: {f['stale_ids']}"
+    # At-least-once, counted (`duplicated`, `double_completed`): an assignment whose confirm was
+    # lost with a node is placed again as the same attempt, and both copies can run.
+    assert not f["undelivered_to_client"], f"{f['undelivered_to_client']} results never reached the client"
+
+
+async def replicated_everywhere(cluster: PrivateCluster, queue: str) -> bool:
+    return await cluster.members(queue) == {n.node for n in cluster.nodes}
+
+
+@pytest.mark.timeout(300)
+@sizes(Size("fast", rate=100, tasks=1000), Size("full", rate=250, tasks=4500))
+async def test_cluster_leader_kill(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
+    down_s = 4.0 if size.name == "fast" else 8.0
+    async with scenario(size, url=private_cluster.url) as sc:
+        await start_stack(sc)
+        client = await sc.client()
+        sc.load(client, sleep_spec(0.05))
+        assert await replicated_everywhere(private_cluster, sc.topology.tasks)
+        await asyncio.sleep(at_fraction(sc, 0.3))
+
+        victim, held = await tasks_leader(private_cluster, sc)
+        lag = LoopLag()
+        killed = sc.fault(f"SIGKILL {victim.node}")
+        await victim.kill()
+        await asyncio.sleep(down_s)
+        restarted = sc.fault(f"restart {victim.node}")
+        began = time.monotonic()
+        await victim.start()
+        await private_cluster.wait_members(3)
+        rejoin_s = time.monotonic() - began
+        whole = now_ms()
+
+        await sc.settle(timeout=180, quiet=2.0)
+        flow = flow_after(sc.ledger, [(killed, min(whole, killed + WINDOW_MS))])
+        while_down = flowed_between(sc, killed, restarted)
+        summary = sc.summarize(
+            killed_node=victim.node.split("@")[0],
+            leaders_held=held,
+            down_s=down_s,
+            rejoin_s=round(rejoin_s, 1),
+            completed_while_down=while_down,
+            loop_lag_ms=lag.stop(),
+            **flow,
+        )
+        still_replicated = await replicated_everywhere(private_cluster, sc.topology.tasks)
+    check_invariants(summary.figures)
+    assert while_down > 0, "no task completed while the leaders' node was down"
+    assert still_replicated, "the tasks queue lost a replica across the restart"
+
+
+@pytest.mark.timeout(420)
+@full_only(Size("full", rate=250, tasks=6000))
+async def test_cluster_node_frozen(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
+    # Longer than Raft takes to elect new leaders (about 7 s) and than three missed AMQP heartbeats
+    # (the clients' own detection, 18 s at the default 5 s), shorter than the Erlang distribution's
+    # net_ticktime (60 s), after which the others would declare it down and see a partition.
+    freeze_s = 25.0
+    async with scenario(size, url=private_cluster.url) as sc:
+        await start_stack(sc)
+        client = await sc.client()
+        sc.load(client, sleep_spec(0.05))
+        await asyncio.sleep(at_fraction(sc, 0.25))
+
+        victim, held = await tasks_leader(private_cluster, sc)
+        frozen = sc.fault(f"SIGSTOP {victim.node}")
+        victim.pause()
+        await asyncio.sleep(freeze_s)
+        resumed = sc.fault(f"SIGCONT {victim.node}")
+        victim.resume()
+        await private_cluster.wait_members(3, timeout=120)
+        whole = now_ms()
+
+        await sc.settle(timeout=240, quiet=2.0)
+        flow = flow_after(sc.ledger, [(frozen, whole)])
+        while_frozen = flowed_between(sc, frozen, resumed)
+        new_leader, _ = await tasks_leader(private_cluster, sc)
+        summary = sc.summarize(
+            frozen_node=victim.node.split("@")[0],
+            leaders_held=held,
+            frozen_s=freeze_s,
+            completed_while_frozen=while_frozen,
+            tasks_leader_moved=new_leader is not victim,
+            **flow,
+        )
+    check_invariants(summary.figures)
+    assert while_frozen > 0, "no task completed while a node was frozen"
+
+
+@pytest.mark.timeout(480)
+@full_only(Size("full", rate=250, tasks=9000))
+async def test_cluster_rolling_restart(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
+    async with scenario(size, url=private_cluster.url) as sc:
+        await start_stack(sc)
+        client = await sc.client()
+        sc.load(client, sleep_spec(0.05))
+        await asyncio.sleep(at_fraction(sc, 0.1))
+
+        windows: list[tuple[int, int]] = []
+        waited_s: list[float] = []
+        for node in private_cluster.nodes:
+            began = time.monotonic()
+            await not_quorum_critical(node)  # what an operator (or the k8s operator) checks first
+            waited_s.append(round(time.monotonic() - began, 1))
+            stopped = sc.fault(f"restart {node.node}")
+            await node.shutdown()
+            await node.start()
+            await private_cluster.wait_members(3)
+            windows.append((stopped, now_ms()))
+
+        await sc.settle(timeout=240, quiet=2.0)
+        flow = flow_after(sc.ledger, windows)
+        restarts_s = [round((end - start) / 1000, 1) for start, end in windows]
+        summary = sc.summarize(restart_s=restarts_s, quorum_wait_s=waited_s, **flow)
+        still_replicated = await replicated_everywhere(private_cluster, sc.topology.tasks)
+    check_invariants(summary.figures)
+    assert still_replicated, "the tasks queue lost a replica across the rolling restart"
+
+
+async def not_quorum_critical(node: PrivateBroker, timeout: float = 120) -> None:
+    """Until stopping `node` would leave every quorum queue with a majority of its replicas."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(RuntimeError):
+            await node.ctl("check_if_node_is_quorum_critical", tool=QUEUES)
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.node} stayed quorum-critical for {timeout}s")
+        await asyncio.sleep(1.0)
