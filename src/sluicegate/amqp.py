@@ -19,6 +19,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -88,7 +89,11 @@ def quorum(**extra: Any) -> dict[str, Any]:
     return {"x-queue-type": "quorum", **extra}
 
 
-async def declare_exchange(channel: AbstractChannel, name: str, kind: aio_pika.ExchangeType) -> AbstractExchange:
+async def declare_exchange(
+    channel: AbstractChannel, name: str, kind: aio_pika.ExchangeType, *, restore: bool = True
+) -> AbstractExchange:
+    if not restore and isinstance(channel, AbstractRobustChannel):
+        return await channel.declare_exchange(name, kind, durable=True, robust=False)
     return await channel.declare_exchange(name, kind, durable=True)
 
 
@@ -102,10 +107,17 @@ async def declare_bound_queue(
     durable: bool = True,
     exclusive: bool = False,
     auto_delete: bool = False,
+    restore: bool = True,
 ) -> AbstractQueue:
-    queue = await channel.declare_queue(
-        name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
-    )
+    """Declare a queue and bind it; `restore=False`: a robust channel does not declare it again on reconnect."""
+    if not restore and isinstance(channel, AbstractRobustChannel):
+        queue: AbstractQueue = await channel.declare_queue(
+            name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments, robust=False
+        )
+    else:
+        queue = await channel.declare_queue(
+            name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
+        )
     await queue.bind(exchange, routing_key=routing_key or name)
     return queue
 
@@ -123,23 +135,31 @@ class Exchanges:
         self.control: AbstractExchange
 
     async def declare(self, channel: AbstractChannel) -> Exchanges:
+        """Declare the topology once; a robust channel is not told to declare it again after a reconnect.
+
+        Everything here is durable (and the queues replicated), so it outlives any connection;
+        declaring it again on every reconnect only delays the channel's return. In a cluster
+        with a node that hangs, a declaration waits for that node (a metadata write) until it
+        is back or declared down, which would hold up publishing through the channel.
+        """
         t = self.topology
         direct, fanout, topic = (
             aio_pika.ExchangeType.DIRECT,
             aio_pika.ExchangeType.FANOUT,
             aio_pika.ExchangeType.TOPIC,
         )
-        self.tasks = await declare_exchange(channel, t.tasks, direct)
-        self.assign = await declare_exchange(channel, t.assign, direct)
-        self.requeue = await declare_exchange(channel, t.requeue, fanout)
-        self.events = await declare_exchange(channel, t.events, topic)
-        self.dead = await declare_exchange(channel, t.dead, fanout)
-        self.control = await declare_exchange(channel, t.control, fanout)
+        self.tasks = await declare_exchange(channel, t.tasks, direct, restore=False)
+        self.assign = await declare_exchange(channel, t.assign, direct, restore=False)
+        self.requeue = await declare_exchange(channel, t.requeue, fanout, restore=False)
+        self.events = await declare_exchange(channel, t.events, topic, restore=False)
+        self.dead = await declare_exchange(channel, t.dead, fanout, restore=False)
+        self.control = await declare_exchange(channel, t.control, fanout, restore=False)
         # The durable queues that must exist before anything is published to them, so that a
         # submit before the scheduler ever ran is kept, not returned.
-        await declare_bound_queue(channel, self.tasks, t.tasks, quorum(**{"x-single-active-consumer": True}))
-        await declare_bound_queue(channel, self.requeue, t.requeue, quorum(**{"x-single-active-consumer": True}))
-        await declare_bound_queue(channel, self.dead, t.dead, quorum())
+        sac = quorum(**{"x-single-active-consumer": True})
+        await declare_bound_queue(channel, self.tasks, t.tasks, sac, restore=False)
+        await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
+        await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
         return self
 
 
@@ -292,10 +312,11 @@ async def publish_until_confirmed(
                 message_id=message_id,
             )
             return
-        except PublishError:
+        except PublishError as err:
             if stop is not None and stop.is_set():
                 raise
-            log.warning("publish to %s not confirmed; retrying in %.2fs", exchange.name, delay)
+            cause = type(err.__cause__).__name__
+            log.warning("publish to %s not confirmed (%s); retrying in %.2fs", exchange.name, cause, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 

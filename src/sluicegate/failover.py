@@ -7,6 +7,11 @@ changes one thing: every time a connection is lost or an attempt fails, the next
 the next address in the list. aio-pika reports both through `_on_connection_close` (a failed
 attempt calls it with the attempt's error before raising), which is where the address moves on.
 
+After a reconnect the channels are restored side by side rather than one after the other
+(aio-pika's own order), so that a channel whose declarations wait on the cluster (a node that
+hangs holds up metadata writes until it is back or declared down) does not hold up a
+publishing channel that has nothing to declare; a failure still fails the attempt, as before.
+
 Between attempts aio-pika pauses `reconnect_interval`. While some address has not been tried
 since the last good connection the pause is short, so a lost node costs one quick hop to the
 next; once every address has failed in a row, the full interval applies, as with one address.
@@ -17,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from aio_pika import RobustConnection
+from aio_pika import Connection, RobustConnection
+from aio_pika.abc import AbstractRobustChannel
+from aio_pika.exceptions import ChannelNotFoundEntity
 from yarl import URL
 
 log = logging.getLogger(__name__)
@@ -65,14 +73,46 @@ class FailoverConnection(RobustConnection):
         self.base_reconnect_interval: float = self.reconnect_interval
         self.failed_in_a_row = 0
         self.failovers = 0
+        self._ours: weakref.WeakSet[AbstractRobustChannel] = weakref.WeakSet()
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         await super()._on_connection_close(closing)
         if not (self._close_called or self.is_closed):
             self._next_address()
 
+    def channel(
+        self, channel_number: int | None = None, publisher_confirms: bool = True, on_return_raises: bool = False
+    ) -> AbstractRobustChannel:
+        channel = super().channel(channel_number, publisher_confirms, on_return_raises)
+        self._ours.add(channel)
+        return channel
+
     async def _on_connected(self) -> None:
-        await super()._on_connected()  # restores channels; raises (and closes) if that fails
+        """What RobustConnection does on connecting, with the channels restored concurrently."""
+        await Connection._on_connected(self)
+        transport = self.transport
+        if transport is None:
+            raise RuntimeError(f"no transport for {self!r}")
+        pending = list(self._ours)
+        try:
+            while pending:
+                # A queue may depend on an exchange another channel declares: retry those that
+                # found something missing, as long as some channel makes progress.
+                outcomes = await asyncio.gather(*(c.restore() for c in pending), return_exceptions=True)
+                errors = [e for e in outcomes if isinstance(e, BaseException)]
+                fatal = [e for e in errors if not isinstance(e, ChannelNotFoundEntity)]
+                if fatal:
+                    raise fatal[0]
+                if errors and len(errors) == len(pending):
+                    raise errors[0]
+                pending = [c for c, e in zip(pending, outcomes, strict=True) if isinstance(e, BaseException)]
+        except Exception as err:
+            await self.close_callbacks(err)
+            await asyncio.gather(transport.connection.close(err), return_exceptions=True)
+            raise
+        if self.connection_attempt:
+            await self.reconnect_callbacks()
+        self.connection_attempt += 1
         self.failed_in_a_row = 0
         self.reconnect_interval = self.base_reconnect_interval
 

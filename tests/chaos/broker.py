@@ -36,8 +36,11 @@ def available() -> bool:
 class PrivateBroker:
     """One node, started as its own process group so that it can be killed, frozen and restarted."""
 
-    def __init__(self, node: str | None = None, *, cookie: str | None = None, base: Path | None = None) -> None:
+    def __init__(
+        self, node: str | None = None, *, cookie: str | None = None, base: Path | None = None, conf: str = ""
+    ) -> None:
         self.node = node or f"sg-chaos-{uuid.uuid4().hex[:8]}@localhost"
+        self.conf = conf
         self.port = free_port()
         self.dist_port = free_port()
         self.cookie = cookie
@@ -89,7 +92,7 @@ class PrivateBroker:
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             "loopback_users = none\n"
             "log.console = false\n"
-            "log.file.level = warning\n"
+            "log.file.level = warning\n" + self.conf
         )
         self._prepared = True
 
@@ -196,8 +199,10 @@ class PrivateCluster:
         tag = uuid.uuid4().hex[:6]
         self.base = Path(tempfile.mkdtemp(prefix="sg-chaos-cluster-"))
         cookie = secrets.token_hex(16).upper()
+        # As deploy/rabbitmq/cluster.conf has it (the nodes are joined by hand here, not discovered).
+        conf = "cluster_partition_handling = pause_minority\n"
         self.nodes = [
-            PrivateBroker(f"sg-c{tag}-n{i + 1}@localhost", cookie=cookie, base=self.base / f"n{i + 1}")
+            PrivateBroker(f"sg-c{tag}-n{i + 1}@localhost", cookie=cookie, base=self.base / f"n{i + 1}", conf=conf)
             for i in range(size)
         ]
         for node in self.nodes:
@@ -262,6 +267,21 @@ class PrivateCluster:
             if name == queue:
                 return set(re.findall(r"[\w.-]+@[\w.-]+", rest))
         raise KeyError(queue)
+
+    async def describe(self, prefix: str) -> str:
+        """The scenario's queues and consumers as the cluster sees them: what to print when a scenario fails."""
+        node = next(n for n in self.nodes if n.running and not n.paused)
+        queues = await node.ctl(
+            "list_queues", "name", "type", "messages_ready", "messages_unacknowledged", "consumers",
+            "leader", "online", "state",
+        )  # fmt: skip
+        consumers = await node.ctl(
+            "list_consumers", "queue_name", "channel_pid", "prefetch_count", "active", "activity_status"
+        )
+        lines = [
+            line for line in (queues + consumers).splitlines() if prefix in line or line.startswith(("name", "queue"))
+        ]
+        return "\n".join(lines)
 
     async def close(self) -> None:
         """Stop every node (in parallel; a frozen one is resumed first) and remove the cluster's files."""

@@ -155,20 +155,22 @@ class Ledger:
 def flow_after(ledger: Ledger, windows: list[tuple[int, int]], lead_ms: int = 1000) -> dict[str, Any]:
     """How long tasks stopped flowing around faults, each window (start, end) in wall-clock ms.
 
-    `gap_ms` is the longest silence in the stream of results seen within a window (the time from
-    the fault to the first result after it counts; a window without any is all silence); `recovery_ms` spreads the
-    submit-to-result time of the tasks submitted from `lead_ms` before a window to its end: the
-    p99 of it is how long a task caught by the fault waited until tasks flowed again.
+    A task has flowed when its dispatcher accepted its result (`finished_at_ms`), whatever the
+    witness's own connection was doing. `gap_ms` is the longest time within a window without any
+    task finishing (from the fault to the first one after it counts; a window without any is all
+    gap); `recovery_ms` spreads submit-to-finish of the tasks submitted from `lead_ms` before a
+    window to its end: its p99 is how long a task caught by the fault waited for tasks to flow.
     """
-    seen = sorted(p[0].seen_ms for p in ledger.results.values() if p)
+    finished = {task_id: p[0].result.finished_at_ms or p[0].seen_ms for task_id, p in ledger.results.items() if p}
+    times = sorted(finished.values())
     gaps: list[int] = []
     waited: list[int] = []
     for start, end in windows:
-        inside = [t for t in seen if start <= t <= end]
+        inside = [t for t in times if start <= t <= end]
         gaps.append(max((b - a for a, b in itertools.pairwise([start, *inside])), default=end - start))
         for task_id, submitted in ledger.submitted.items():
-            if start - lead_ms <= submitted <= end and ledger.results.get(task_id):
-                waited.append(ledger.results[task_id][0].seen_ms - submitted)
+            if start - lead_ms <= submitted <= end and task_id in finished:
+                waited.append(max(0, finished[task_id] - submitted))
     return {"gap_ms": max(gaps, default=0), "recovery_ms": spread(waited)}
 
 

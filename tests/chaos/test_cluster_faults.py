@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -27,6 +28,7 @@ from .ledger import flow_after
 
 # After a fault, the window in which a silence counts as tasks not flowing, when nothing else ends it.
 WINDOW_MS = 10_000
+SETTLE_S = float(os.environ.get("SLUICEGATE_CHAOS_SETTLE_S", "240"))
 
 
 async def start_stack(sc: Scenario) -> Any:
@@ -44,6 +46,22 @@ async def tasks_leader(cluster: PrivateCluster, sc: Scenario) -> tuple[PrivateBr
     leaders = await cluster.leaders(sc.prefix + ".")
     node = leaders[sc.topology.tasks]
     return cluster.by_name(node), f"{Counter(leaders.values())[node]} of {len(leaders)}"
+
+
+def parts_on(sc: Scenario, node: PrivateBroker) -> list[str]:
+    """Which in-process parts have their broker connection on `node` (diagnostics for the table)."""
+    parts: list[tuple[str, Any]] = [("observer", sc.observer)]
+    parts += [("scheduler", s) for s in sc.schedulers] + [
+        (f"dispatcher{i + 1}", d) for i, d in enumerate(sc.dispatchers)
+    ]
+    parts += [("client", c) for c in sc.clients]
+    on = []
+    for name, part in parts:
+        connection = getattr(part, "connection", None) or getattr(part, "_connection", None)
+        url = getattr(connection, "url", None)
+        if url is not None and url.port == node.port:
+            on.append(name)
+    return on
 
 
 def at_fraction(sc: Scenario, fraction: float) -> float:
@@ -72,8 +90,20 @@ class LoopLag:
 
 
 def flowed_between(sc: Scenario, start_ms: int, end_ms: int) -> int:
-    """Results seen in (start, end]: tasks flowing while a node was away."""
-    return sum(1 for p in sc.ledger.results.values() if p and start_ms < p[0].seen_ms <= end_ms)
+    """Tasks finished in (start, end]: tasks flowing while a node was away."""
+    return sum(1 for p in sc.ledger.results.values() if p and start_ms < p[0].result.finished_at_ms <= end_ms)
+
+
+async def settle(sc: Scenario, cluster: PrivateCluster, timeout: float) -> None:
+    """Wait for every task to end; if they do not, print what the cluster holds for the scenario."""
+    try:
+        await sc.settle(timeout=timeout, quiet=2.0)
+    except AssertionError:
+        try:
+            print(f"--- the cluster, for {sc.prefix}:\n{await cluster.describe(sc.prefix)}")
+        except Exception as err:
+            print(f"--- the cluster could not be described: {err!r}")
+        raise
 
 
 def check_invariants(f: dict[str, Any]) -> None:
@@ -89,7 +119,7 @@ async def replicated_everywhere(cluster: PrivateCluster, queue: str) -> bool:
 
 
 @pytest.mark.timeout(300)
-@sizes(Size("fast", rate=100, tasks=1000), Size("full", rate=250, tasks=4500))
+@sizes(Size("fast", rate=100, tasks=1000), Size("full", rate=100, tasks=6000))
 async def test_cluster_leader_kill(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
     down_s = 4.0 if size.name == "fast" else 8.0
     async with scenario(size, url=private_cluster.url) as sc:
@@ -100,6 +130,7 @@ async def test_cluster_leader_kill(scenario: ScenarioFactory, private_cluster: P
         await asyncio.sleep(at_fraction(sc, 0.3))
 
         victim, held = await tasks_leader(private_cluster, sc)
+        connected = parts_on(sc, victim)
         lag = LoopLag()
         killed = sc.fault(f"SIGKILL {victim.node}")
         await victim.kill()
@@ -111,12 +142,13 @@ async def test_cluster_leader_kill(scenario: ScenarioFactory, private_cluster: P
         rejoin_s = time.monotonic() - began
         whole = now_ms()
 
-        await sc.settle(timeout=180, quiet=2.0)
+        await settle(sc, private_cluster, 180)
         flow = flow_after(sc.ledger, [(killed, min(whole, killed + WINDOW_MS))])
         while_down = flowed_between(sc, killed, restarted)
         summary = sc.summarize(
             killed_node=victim.node.split("@")[0],
             leaders_held=held,
+            connected_to_it="+".join(connected) or "none",
             down_s=down_s,
             rejoin_s=round(rejoin_s, 1),
             completed_while_down=while_down,
@@ -130,11 +162,13 @@ async def test_cluster_leader_kill(scenario: ScenarioFactory, private_cluster: P
 
 
 @pytest.mark.timeout(420)
-@full_only(Size("full", rate=250, tasks=6000))
+@full_only(Size("full", rate=100, tasks=6000))
 async def test_cluster_node_frozen(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
     # Longer than Raft takes to elect new leaders (about 7 s) and than three missed AMQP heartbeats
     # (the clients' own detection, 18 s at the default 5 s), shorter than the Erlang distribution's
-    # net_ticktime (60 s), after which the others would declare it down and see a partition.
+    # net_ticktime (60 s), after which the others would declare it down and see a partition. Until
+    # then the cluster's metadata still names the frozen node as those queues' leader, so a client
+    # that reconnects meanwhile waits for it (RabbitMQ 3.10): what was not connected to it flows on.
     freeze_s = 25.0
     async with scenario(size, url=private_cluster.url) as sc:
         await start_stack(sc)
@@ -143,6 +177,8 @@ async def test_cluster_node_frozen(scenario: ScenarioFactory, private_cluster: P
         await asyncio.sleep(at_fraction(sc, 0.25))
 
         victim, held = await tasks_leader(private_cluster, sc)
+        connected = parts_on(sc, victim)
+        lag = LoopLag()
         frozen = sc.fault(f"SIGSTOP {victim.node}")
         victim.pause()
         await asyncio.sleep(freeze_s)
@@ -151,7 +187,7 @@ async def test_cluster_node_frozen(scenario: ScenarioFactory, private_cluster: P
         await private_cluster.wait_members(3, timeout=120)
         whole = now_ms()
 
-        await sc.settle(timeout=240, quiet=2.0)
+        await settle(sc, private_cluster, SETTLE_S)
         flow = flow_after(sc.ledger, [(frozen, whole)])
         while_frozen = flowed_between(sc, frozen, resumed)
         new_leader, _ = await tasks_leader(private_cluster, sc)
@@ -159,16 +195,19 @@ async def test_cluster_node_frozen(scenario: ScenarioFactory, private_cluster: P
             frozen_node=victim.node.split("@")[0],
             leaders_held=held,
             frozen_s=freeze_s,
+            connected_to_it="+".join(connected) or "none",
             completed_while_frozen=while_frozen,
             tasks_leader_moved=new_leader is not victim,
+            loop_lag_ms=lag.stop(),
             **flow,
         )
     check_invariants(summary.figures)
-    assert while_frozen > 0, "no task completed while a node was frozen"
+    assert not sc.loads[0].errors, f"submits failed: {sc.loads[0].errors[:3]}"
+    assert summary.figures["confirmed"] == size.tasks, "every submit was confirmed once the node was back"
 
 
 @pytest.mark.timeout(480)
-@full_only(Size("full", rate=250, tasks=9000))
+@full_only(Size("full", rate=100, tasks=9000))
 async def test_cluster_rolling_restart(scenario: ScenarioFactory, private_cluster: PrivateCluster, size: Size) -> None:
     async with scenario(size, url=private_cluster.url) as sc:
         await start_stack(sc)
@@ -178,6 +217,7 @@ async def test_cluster_rolling_restart(scenario: ScenarioFactory, private_cluste
 
         windows: list[tuple[int, int]] = []
         waited_s: list[float] = []
+        lag = LoopLag()
         for node in private_cluster.nodes:
             began = time.monotonic()
             await not_quorum_critical(node)  # what an operator (or the k8s operator) checks first
@@ -188,21 +228,21 @@ async def test_cluster_rolling_restart(scenario: ScenarioFactory, private_cluste
             await private_cluster.wait_members(3)
             windows.append((stopped, now_ms()))
 
-        await sc.settle(timeout=240, quiet=2.0)
+        await settle(sc, private_cluster, SETTLE_S)
         flow = flow_after(sc.ledger, windows)
         restarts_s = [round((end - start) / 1000, 1) for start, end in windows]
-        summary = sc.summarize(restart_s=restarts_s, quorum_wait_s=waited_s, **flow)
+        summary = sc.summarize(restart_s=restarts_s, quorum_wait_s=waited_s, loop_lag_ms=lag.stop(), **flow)
         still_replicated = await replicated_everywhere(private_cluster, sc.topology.tasks)
     check_invariants(summary.figures)
     assert still_replicated, "the tasks queue lost a replica across the rolling restart"
 
 
-async def not_quorum_critical(node: PrivateBroker, timeout: float = 120) -> None:
+async def not_quorum_critical(node: PrivateBroker, timeout: float = 180) -> None:
     """Until stopping `node` would leave every quorum queue with a majority of its replicas."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(RuntimeError):
-            await node.ctl("check_if_node_is_quorum_critical", tool=QUEUES)
+        with contextlib.suppress(RuntimeError, TimeoutError):  # critical, or too busy to answer yet
+            await node.ctl("check_if_node_is_quorum_critical", tool=QUEUES, timeout=60)
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{node.node} stayed quorum-critical for {timeout}s")
