@@ -3,11 +3,11 @@
 aio-pika's RobustConnection restores channels, QoS, declarations and consumers after a reconnect,
 but only ever reconnects to the one URL it was given: with that node down, its clients get
 nothing for the whole outage. `FailoverConnection` keeps everything RobustConnection does and
-changes one thing: every time a connection is lost or an attempt fails, the next attempt goes to
-the next address in the list. aio-pika reports both through `_on_connection_close` (a failed
+changes two things. First, every time a connection is lost or an attempt fails, the next attempt
+goes to the next address in the list. aio-pika reports both through `_on_connection_close` (a failed
 attempt calls it with the attempt's error before raising), which is where the address moves on.
 
-After a reconnect the channels are restored side by side rather than one after the other
+Second, after a reconnect the channels are restored side by side rather than one after the other
 (aio-pika's own order), so that a channel whose declarations wait on the cluster (a node that
 hangs holds up metadata writes until it is back or declared down) does not hold up a
 publishing channel that has nothing to declare; a failure still fails the attempt, as before.
