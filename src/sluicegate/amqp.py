@@ -7,7 +7,8 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,11 +20,13 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractExchange,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
 from sluicegate.errors import PublishError, Unroutable
-from sluicegate.settings import BrokerSettings
+from sluicegate.failover import FailoverConnection
+from sluicegate.settings import BrokerSettings, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +153,17 @@ def quorum(**extra: Any) -> dict[str, Any]:
     return {"x-queue-type": "quorum", **extra}
 
 
-async def declare_exchange(channel: AbstractChannel, name: str, kind: aio_pika.ExchangeType) -> AbstractExchange:
-    return await channel.declare_exchange(name, kind, durable=True)
+async def declare_exchange(
+    channel: AbstractChannel,
+    name: str,
+    kind: aio_pika.ExchangeType,
+    *,
+    restore: bool = True,
+    arguments: dict[str, Any] | None = None,
+) -> AbstractExchange:
+    if not restore and isinstance(channel, AbstractRobustChannel):
+        return await channel.declare_exchange(name, kind, durable=True, robust=False, arguments=arguments)
+    return await channel.declare_exchange(name, kind, durable=True, arguments=arguments)
 
 
 async def declare_bound_queue(
@@ -164,10 +176,17 @@ async def declare_bound_queue(
     durable: bool = True,
     exclusive: bool = False,
     auto_delete: bool = False,
+    restore: bool = True,
 ) -> AbstractQueue:
-    queue = await channel.declare_queue(
-        name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
-    )
+    """Declare a queue and bind it; `restore=False`: a robust channel does not declare it again on reconnect."""
+    if not restore and isinstance(channel, AbstractRobustChannel):
+        queue: AbstractQueue = await channel.declare_queue(
+            name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments, robust=False
+        )
+    else:
+        queue = await channel.declare_queue(
+            name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
+        )
     await queue.bind(exchange, routing_key=routing_key or name)
     return queue
 
@@ -186,26 +205,34 @@ class Exchanges:
         self.control: AbstractExchange
 
     async def declare(self, channel: AbstractChannel) -> Exchanges:
+        """Declare the topology once; a robust channel is not told to declare it again after a reconnect.
+
+        Everything here is durable (and the queues replicated), so it outlives any connection;
+        declaring it again on every reconnect only delays the channel's return. In a cluster
+        with a node that hangs, a declaration waits for that node (a metadata write) until it
+        is back or declared down, which would hold up publishing through the channel.
+        """
         t = self.topology
         direct, fanout, topic = (
             aio_pika.ExchangeType.DIRECT,
             aio_pika.ExchangeType.FANOUT,
             aio_pika.ExchangeType.TOPIC,
         )
-        self.unrouted = await declare_exchange(channel, t.unrouted, fanout)
-        self.tasks = await channel.declare_exchange(
-            t.tasks, direct, durable=True, arguments={"alternate-exchange": t.unrouted}
+        self.unrouted = await declare_exchange(channel, t.unrouted, fanout, restore=False)
+        self.tasks = await declare_exchange(
+            channel, t.tasks, direct, restore=False, arguments={"alternate-exchange": t.unrouted}
         )
-        self.assign = await declare_exchange(channel, t.assign, direct)
-        self.requeue = await declare_exchange(channel, t.requeue, fanout)
-        self.events = await declare_exchange(channel, t.events, topic)
-        self.dead = await declare_exchange(channel, t.dead, fanout)
-        self.control = await declare_exchange(channel, t.control, fanout)
+        self.assign = await declare_exchange(channel, t.assign, direct, restore=False)
+        self.requeue = await declare_exchange(channel, t.requeue, fanout, restore=False)
+        self.events = await declare_exchange(channel, t.events, topic, restore=False)
+        self.dead = await declare_exchange(channel, t.dead, fanout, restore=False)
+        self.control = await declare_exchange(channel, t.control, fanout, restore=False)
         # The durable queues that must exist before anything is published to them, so that a
         # submit before the scheduler ever ran is kept, not returned.
-        await declare_bound_queue(channel, self.unrouted, t.tasks, quorum(**{"x-single-active-consumer": True}))
-        await declare_bound_queue(channel, self.requeue, t.requeue, quorum(**{"x-single-active-consumer": True}))
-        await declare_bound_queue(channel, self.dead, t.dead, quorum())
+        sac = quorum(**{"x-single-active-consumer": True})
+        await declare_bound_queue(channel, self.unrouted, t.tasks, sac, restore=False)
+        await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
+        await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
         return self
 
 
@@ -232,43 +259,81 @@ def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> d
     )
 
 
-async def _connect_with_retries(open_: Any, url: str, deadline: float) -> Any:
+async def connect(
+    urls: str | Sequence[str], *, deadline: float = 30.0, heartbeat: int | None = None
+) -> AbstractRobustConnection:
+    """Connect robustly to one of the broker addresses, retrying the first connect until `deadline`.
+
+    `urls` is a list of addresses or a comma-separated string of them (the nodes of one cluster).
+    The connection starts at a random one, so that processes spread over the nodes, and moves to
+    the next whenever it is lost (FailoverConnection). connect_robust does not retry a first
+    connect that fails; this does, trying every address before pausing.
+    """
+    addresses = split_urls(urls) if isinstance(urls, str) else tuple(urls)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
+    start = random.randrange(len(addresses))
     delay = 0.1
+    attempt = 0
     while True:
+        connection = FailoverConnection(addresses, start=start + attempt, heartbeat=heartbeat)
+        attempt += 1
         try:
-            return await open_(url, timeout=5)
+            await connection.connect(timeout=5)
+            return connection
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
-            if loop.time() + delay > give_up:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            untried = attempt % len(addresses) != 0  # another address may answer at once
+            if loop.time() + (0.0 if untried else delay) > give_up:
                 raise PublishError("cannot reach the broker") from err
+            if untried:
+                continue
             log.warning("broker not reachable yet, retrying in %.1fs", delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
 
-async def connect(url: str, *, deadline: float = 30.0) -> AbstractRobustConnection:
-    """Connect robustly, retrying the first connect (which connect_robust does not) until `deadline`."""
-    connection: AbstractRobustConnection = await _connect_with_retries(aio_pika.connect_robust, url, deadline)
-    return connection
+async def connect_plain(
+    urls: str | Sequence[str], *, deadline: float = 30.0, heartbeat: int | None = None
+) -> AbstractConnection:
+    """A connection that stays closed when it closes, to one of the addresses (a random one first).
+
+    For a process that rebuilds its state per connection (the scheduler): it connects again itself,
+    and each call starts at another address, so it fails over as the robust connection does.
+    """
+    addresses = split_urls(urls) if isinstance(urls, str) else tuple(urls)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline
+    start = random.randrange(len(addresses))
+    delay, attempt = 0.1, 0
+    while True:
+        url = addresses[(start + attempt) % len(addresses)]
+        attempt += 1
+        try:
+            connection: AbstractConnection = await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=5)
+            return connection
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
+            untried = attempt % len(addresses) != 0
+            if loop.time() + (0.0 if untried else delay) > give_up:
+                raise PublishError("cannot reach the broker") from err
+            if untried:
+                continue
+            log.warning("broker not reachable yet, retrying in %.1fs", delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
 
 
-async def connect_plain(url: str, *, deadline: float = 30.0) -> AbstractConnection:
-    """A connection that stays closed when it closes: for a process that rebuilds its state per connection."""
-    connection: AbstractConnection = await _connect_with_retries(aio_pika.connect, url, deadline)
-    return connection
-
-
-def with_heartbeat(url: str, seconds: int) -> str:
+def with_heartbeat(url: str, seconds: int | None) -> str:
     """The URL with an AMQP heartbeat, unless it names one: a hung peer is dropped after about three."""
-    if "heartbeat=" in url:
+    if seconds is None or "heartbeat=" in url:
         return url
     return f"{url}{'&' if '?' in url else '?'}heartbeat={seconds}"
 
 
 async def connect_broker(broker: BrokerSettings) -> AbstractRobustConnection:
-    """Connect to the broker the settings name, retrying for as long as they allow."""
-    return await connect(broker.url, deadline=broker.connect_deadline.total_seconds())
+    """Connect to the broker addresses the settings name, retrying for as long as they allow."""
+    return await connect(broker.urls, deadline=broker.connect_deadline.total_seconds(), heartbeat=broker.heartbeat_s)
 
 
 async def publish(
@@ -306,14 +371,43 @@ async def publish(
         raise PublishError(f"publish to {exchange.name!r} was not confirmed: the connection was lost") from err
     except aiormq.exceptions.PublishError as err:
         raise Unroutable(f"no queue bound for {exchange.name!r} / {routing_key!r}") from err
+    except aiormq.exceptions.DeliveryError as err:  # a nack
+        await renew_channel(exchange)
+        raise PublishError(f"publish to {exchange.name!r} was nacked") from err
     except (
         TimeoutError,
-        aiormq.exceptions.DeliveryError,
         aiormq.exceptions.AMQPError,
         ConnectionError,
         RuntimeError,
     ) as err:
         raise PublishError(f"publish to {exchange.name!r} was not confirmed") from err
+
+
+# When each publishing channel was last renewed after a nack (see renew_channel).
+_renewed: weakref.WeakKeyDictionary[AbstractChannel, float] = weakref.WeakKeyDictionary()
+RENEW_AT_MOST_EVERY_S = 0.5
+
+
+async def renew_channel(exchange: AbstractExchange) -> None:
+    """After a nack, replace the exchange's channel with a fresh one; the robust channel reopens itself.
+
+    RabbitMQ 3.10 nacks every publish, for as long as the channel lives, of a channel that was
+    opened while a quorum queue it publishes to had lost its leader with a node; a channel opened
+    a moment later on the same connection publishes at once (measured on a three-node cluster).
+    A channel restored right after a failover is such a channel, so a nack retires the channel and
+    the publisher's retry goes through a new one. Publishes nacked together renew it once.
+    """
+    channel = getattr(exchange, "channel", None)
+    if not isinstance(channel, AbstractChannel) or channel.is_closed:
+        return
+    now = asyncio.get_running_loop().time()
+    if now - _renewed.get(channel, -RENEW_AT_MOST_EVERY_S) < RENEW_AT_MOST_EVERY_S:
+        return
+    _renewed[channel] = now
+    with contextlib.suppress(Exception):  # a channel already going away is reopened anyway
+        underlay = await channel.get_underlay_channel()
+        await underlay.close()
+    log.warning("publishes to %r were nacked; reopened the channel", exchange.name)
 
 
 async def publish_until_confirmed(
@@ -346,10 +440,11 @@ async def publish_until_confirmed(
                 message_id=message_id,
             )
             return
-        except PublishError:
+        except PublishError as err:
             if stop is not None and stop.is_set():
                 raise
-            log.warning("publish to %s not confirmed; retrying in %.2fs", exchange.name, delay)
+            cause = type(err.__cause__).__name__
+            log.warning("publish to %s not confirmed (%s); retrying in %.2fs", exchange.name, cause, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 

@@ -156,10 +156,12 @@ class Client:
         await consume_channel.set_qos(prefetch_count=1000)
         # Durable and not exclusive, so results published while the connection is being restored
         # (or the broker restarts) wait for us; it expires once no client has used it for a while.
+        # A quorum queue, so that in a cluster it outlives the node it was declared on: a classic
+        # queue lives on one node, and results routed to it while that node is down are dropped.
         self._queue = await consume_channel.declare_queue(
             self.topology.results_queue(self.client_id),
             durable=True,
-            arguments={"x-expires": RESULTS_QUEUE_EXPIRES_MS},
+            arguments=amqp.quorum(**{"x-expires": RESULTS_QUEUE_EXPIRES_MS}),
         )
         await self._queue.bind(self.topology.events, routing_key=self.topology.result_key(self.client_id))
         await self._queue.consume(self._on_result)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from sluicegate.durations import PositiveDuration
 from sluicegate.errors import InvalidInput
@@ -14,6 +15,25 @@ from sluicegate.errors import InvalidInput
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def split_urls(text: str) -> tuple[str, ...]:
+    """The broker addresses in a comma-separated list, each checked; an error never quotes one (secrets)."""
+    parts = [part.strip() for part in text.split(",")]
+    for i, part in enumerate(parts, 1):
+        which = f"address {i} of {len(parts)}" if len(parts) > 1 else "the address"
+        if not part:
+            raise ValueError(f"{which} is empty")
+        try:
+            url = URL(part)
+            port = url.port
+        except (ValueError, TypeError):
+            raise ValueError(f"{which} is not a valid URL") from None  # the parser's text could quote it
+        if url.scheme not in ("amqp", "amqps") or not url.host:
+            raise ValueError(f"{which} must be an amqp:// or amqps:// URL with a host")
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"{which} has a port out of range")
+    return tuple(parts)
 
 
 def settings_config(env_prefix: str) -> SettingsConfigDict:
@@ -35,7 +55,10 @@ class BrokerSettings(BaseSettings):
     rabbitmq_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
         validation_alias=AliasChoices("SLUICEGATE_RABBITMQ_URL", "RABBITMQ_URL"),
-        description="AMQP URL of the broker; credentials inside it are kept secret.",
+        description=(
+            "AMQP URL of the broker, or of each node of a cluster separated by commas (connections fail over"
+            " between them); credentials inside are kept secret."
+        ),
     )
     prefix: str = Field(
         default="sluicegate",
@@ -48,10 +71,39 @@ class BrokerSettings(BaseSettings):
     connect_deadline: PositiveDuration = Field(
         default=timedelta(seconds=30), description="How long to keep retrying the first connection to the broker."
     )
+    broker_heartbeat: PositiveDuration = Field(
+        default=timedelta(seconds=5),
+        description=(
+            "AMQP heartbeat: a broker node that stops answering is given up after about three of them and the"
+            " connection moves to the next address (an address's own `?heartbeat=` wins)."
+        ),
+    )
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _check_urls(cls, value: SecretStr) -> SecretStr:
+        return SecretStr(",".join(split_urls(value.get_secret_value())))
+
+    @field_validator("broker_heartbeat")
+    @classmethod
+    def _whole_seconds(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1 or value.total_seconds() != int(value.total_seconds()):
+            raise ValueError("must be a whole number of seconds, at least 1s")
+        return value
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every broker address, in the order given."""
+        return split_urls(self.rabbitmq_url.get_secret_value())
 
     @property
     def url(self) -> str:
-        return self.rabbitmq_url.get_secret_value()
+        """The first broker address, for tools that take only one."""
+        return self.urls[0]
+
+    @property
+    def heartbeat_s(self) -> int:
+        return int(self.broker_heartbeat.total_seconds())
 
 
 class LogSettings(BaseSettings):
@@ -64,7 +116,14 @@ class LogSettings(BaseSettings):
 
 
 def env_name(settings_cls: type[BaseSettings], field: str) -> str:
-    """The environment variable a field is read from."""
+    """The environment variable a field is read from (a field reported by its alias is that variable)."""
+    for known in settings_cls.model_fields.values():
+        if (
+            field.isupper()
+            and isinstance(known.validation_alias, AliasChoices)
+            and field in known.validation_alias.choices
+        ):
+            return field
     info = settings_cls.model_fields.get(field)
     if info is not None and isinstance(info.validation_alias, AliasChoices):
         names = [c for c in info.validation_alias.choices if isinstance(c, str) and c.isupper()]

@@ -31,6 +31,15 @@ def sizes(fast: Size, full: Size) -> Any:
     return pytest.mark.parametrize("size", [pytest.param(s, id=s.name) for s in chosen])
 
 
+def full_only(full: Size) -> Any:
+    """Parametrize a scenario that only the full suite runs (too long for CI): skipped in fast mode."""
+    if MODE in ("full", "all"):
+        return pytest.mark.parametrize("size", [pytest.param(full, id=full.name)])
+    return pytest.mark.parametrize(
+        "size", [pytest.param(full, id=full.name, marks=pytest.mark.skip(reason="full suite only (make chaos)"))]
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "chaos: fault-injection scenario (tests/chaos; SLUICEGATE_CHAOS=full|fast|off)")
 
@@ -78,6 +87,16 @@ async def private_broker(rabbitmq_server_available: None) -> AsyncIterator[priva
         yield node
     finally:
         await node.close()
+
+
+@pytest.fixture
+async def private_cluster(rabbitmq_server_available: None) -> AsyncIterator[private.PrivateCluster]:
+    cluster = private.PrivateCluster(3)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.close()
 
 
 ScenarioFactory = Callable[..., Scenario]

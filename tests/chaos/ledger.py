@@ -6,6 +6,7 @@ messages themselves (`Requeue.at_ms`, `TaskResult.finished_at_ms`) compare with 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,28 @@ class Ledger:
             if later:
                 reassign.append(max(0, min(later) - origin))
         return requeue, reassign
+
+
+def flow_after(ledger: Ledger, windows: list[tuple[int, int]], lead_ms: int = 1000) -> dict[str, Any]:
+    """How long tasks stopped flowing around faults, each window (start, end) in wall-clock ms.
+
+    A task has flowed when its dispatcher accepted its result (`finished_at_ms`), whatever the
+    witness's own connection was doing. `gap_ms` is the longest time within a window without any
+    task finishing (from the fault to the first one after it counts; a window without any is all
+    gap); `recovery_ms` spreads submit-to-finish of the tasks submitted from `lead_ms` before a
+    window to its end: its p99 is how long a task caught by the fault waited for tasks to flow.
+    """
+    finished = {task_id: p[0].result.finished_at_ms or p[0].seen_ms for task_id, p in ledger.results.items() if p}
+    times = sorted(finished.values())
+    gaps: list[int] = []
+    waited: list[int] = []
+    for start, end in windows:
+        inside = [t for t in times if start <= t <= end]
+        gaps.append(max((b - a for a, b in itertools.pairwise([start, *inside])), default=end - start))
+        for task_id, submitted in ledger.submitted.items():
+            if start - lead_ms <= submitted <= end and task_id in finished:
+                waited.append(max(0, finished[task_id] - submitted))
+    return {"gap_ms": max(gaps, default=0), "recovery_ms": spread(waited)}
 
 
 def spread(values: list[int] | list[float]) -> dict[str, float] | None:

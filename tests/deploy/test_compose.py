@@ -74,13 +74,37 @@ def test_dependencies_exist_and_have_no_cycle(compose: dict[str, Any]) -> None:
             del remaining[name]
 
 
-def test_everything_that_talks_amqp_waits_for_a_healthy_broker(compose: dict[str, Any], lib: ModuleType) -> None:
+def _broker_nodes(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("rabbitmq:")}
+
+
+def _interpolated(text: str) -> str:
+    """A compose value with `${VAR:-default}` replaced by its default, as an empty environment gives."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def test_everything_that_talks_amqp_waits_for_every_broker_node(compose: dict[str, Any], lib: ModuleType) -> None:
+    # Queues declared before a node has joined would have no replica on it.
     users = [name for name, svc in compose["services"].items() if lib.BROKER_URL_ENV & set(_env(svc))]
     assert users, "no service gets the broker URL"
+    nodes = _broker_nodes(compose)
     for name in users:
-        assert _depends_on(compose["services"][name]).get("rabbitmq") == "service_healthy", (
-            f"{name} uses RabbitMQ but does not wait for it to be healthy"
-        )
+        deps = _depends_on(compose["services"][name])
+        for node in nodes:
+            assert deps.get(node) == "service_healthy", f"{name} uses RabbitMQ but does not wait for {node}"
+
+
+def test_every_amqp_role_gets_every_broker_node(compose: dict[str, Any], lib: ModuleType) -> None:
+    from urllib.parse import urlsplit
+
+    expected = {(svc["hostname"], 5672) for svc in _broker_nodes(compose).values()}
+    for name, svc in compose["services"].items():
+        env = _env(svc)
+        for var in lib.BROKER_URL_ENV & set(env):
+            urls = [urlsplit(_interpolated(u.strip())) for u in env[var].split(",")]
+            assert {(u.hostname, u.port) for u in urls} == expected, f"{name}: {var} must list every node"
+            assert len(urls) == len(expected), f"{name}: {var} lists a node twice"
+            assert all(u.scheme == "amqp" and u.username and u.password for u in urls), name
 
 
 def test_broker_url_goes_only_to_amqp_roles(compose: dict[str, Any], lib: ModuleType) -> None:
@@ -122,19 +146,32 @@ def test_migrate_runs_once_before_the_recorder(compose: dict[str, Any]) -> None:
         assert _env(recorder)["SLUICEGATE_STORE_URL"] == _env(migrate)["SLUICEGATE_STORE_URL"]
 
 
-def test_rabbitmq_service(compose: dict[str, Any], lib: ModuleType) -> None:
-    rabbitmq = compose["services"]["rabbitmq"]
-    assert rabbitmq["image"].startswith("rabbitmq:")
-    assert rabbitmq["image"].endswith("-management"), "the management UI is part of the demo"
-    test = rabbitmq["healthcheck"]["test"]
-    assert test[:2] == ["CMD", "rabbitmq-diagnostics"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbitmq["volumes"] if v.startswith("./")}
-    conf = [source for target, source in mounts.items() if target.startswith("/etc/rabbitmq/conf.d/")]
-    assert conf == ["./deploy/rabbitmq/rabbitmq.conf"]
-    plugins = (lib.REPO_ROOT / mounts["/etc/rabbitmq/enabled_plugins"]).read_text(encoding="utf-8")
-    assert "rabbitmq_prometheus" in plugins, "Prometheus scrapes the broker on 15692"
-    # The node name follows the hostname; a stable one keeps the data volume usable.
-    assert rabbitmq.get("hostname") == "rabbitmq"
+def test_three_broker_nodes_form_one_cluster(compose: dict[str, Any], lib: ModuleType) -> None:
+    nodes = _broker_nodes(compose)
+    assert len(nodes) == 3, "a quorum queue keeps a majority with one of three nodes down"
+    assert len({svc["image"] for svc in nodes.values()}) == 1, "every node runs the same RabbitMQ"
+    cookies = {_env(svc).get("RABBITMQ_ERLANG_COOKIE") for svc in nodes.values()}
+    assert None not in cookies, "every node needs the cluster's Erlang cookie"
+    assert len(cookies) == 1, "the nodes must share one Erlang cookie"
+    data_volumes = set()
+    for name, svc in nodes.items():
+        assert svc["image"].endswith("-management"), "the management UI is part of the demo"
+        assert svc["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"], name
+        # The node name follows the hostname; a stable one keeps the data volume usable.
+        assert svc.get("hostname") == name, name
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        conf = sorted(source for target, source in mounts.items() if target.startswith("/etc/rabbitmq/conf.d/"))
+        assert conf == ["./deploy/rabbitmq/cluster.conf", "./deploy/rabbitmq/rabbitmq.conf"], name
+        plugins = (lib.REPO_ROOT / mounts["/etc/rabbitmq/enabled_plugins"]).read_text(encoding="utf-8")
+        assert "rabbitmq_prometheus" in plugins, "Prometheus scrapes the broker on 15692"
+        data_volumes.add(mounts["/var/lib/rabbitmq"])
+        assert mounts["/var/lib/rabbitmq"] in compose["volumes"], name
+    assert len(data_volumes) == 3, "each node needs its own data volume"
+    cluster_conf = _rabbitmq_conf(lib.REPO_ROOT / "deploy" / "rabbitmq" / "cluster.conf")
+    assert cluster_conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in cluster_conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{svc['hostname']}" for svc in nodes.values()}
+    assert cluster_conf["cluster_partition_handling"] == "pause_minority"
 
 
 def test_rabbitmq_conf_allows_long_leases(lib: ModuleType) -> None:
@@ -271,3 +308,4 @@ def test_prometheus_scrapes_every_sluicegate_process(compose: dict[str, Any], li
             assert name in static_hosts or name in dns_names, f"Prometheus does not scrape {name}"
     services = set(compose["services"]) | {"localhost"}
     assert static_hosts | dns_names <= services, "Prometheus targets a host that is not a service"
+    assert set(_broker_nodes(compose)) <= static_hosts, "Prometheus scrapes every broker node"

@@ -289,6 +289,23 @@ def test_rabbitmq_cluster(render_kustomization: Render, lib: ModuleType, overlay
     assert f"consumer_timeout = {k8s_conf['consumer_timeout']}" in compose_conf
 
 
+def test_every_broker_node_is_an_address_of_the_services(render_kustomization: Render, lib: ModuleType) -> None:
+    """Production: the documented Secret's `url` names each broker pod, one per RabbitmqCluster replica.
+
+    (The production overlay ships no Secret, so what is checked is the command deploy/k8s/README.md
+    gives for creating it; the dev overlay's one node is reached through the Service.)
+    """
+    (cluster,) = _by_kind(_objects(render_kustomization, lib, "overlays/production"), "RabbitmqCluster").values()
+    name, namespace = cluster["metadata"]["name"], NAMESPACES["overlays/production"]
+    readme = (lib.K8S_DIR / "README.md").read_text(encoding="utf-8")
+    urls = re.findall(r'URL="(?:\$\{URL\},)?(amqp://[^"]+)"', readme)
+    pod = re.compile(rf"amqp://sluicegate:\$\{{PASSWORD\}}@{name}-server-(\d+)\.{name}-nodes\.{namespace}\.svc:5672/")
+    indexes = [int(m.group(1)) for m in map(pod.fullmatch, urls) if m]
+    assert len(indexes) == len(urls), f"every documented address is a broker pod's: {urls}"
+    assert sorted(indexes) == list(range(cluster["spec"]["replicas"])), "one address per broker replica"
+    assert '--from-literal=url="${URL}"' in readme
+
+
 def test_dispatcher_probes_and_shutdown(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
     deployment = _by_kind(_objects(render_kustomization, lib, overlay), "Deployment")["sluicegate-dispatcher"]
     pod = deployment["spec"]["template"]["spec"]

@@ -349,3 +349,54 @@ def test_bad_labels_given_to_a_worker_are_refused() -> None:
 
     with pytest.raises(InvalidInput, match="label key"):
         Worker("127.0.0.1:1", labels={"bad key": "v"})
+
+
+# Broker: several addresses (the nodes of a cluster).
+
+CLUSTER = "amqp://u:s3cr3t@n1:5672/, amqp://u:s3cr3t@n2:5672/,amqps://u:s3cr3t@n3/"
+
+
+def test_several_broker_addresses_are_read_in_order_and_kept_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_URL", CLUSTER)
+    s = load(BrokerSettings)
+    assert s.urls == ("amqp://u:s3cr3t@n1:5672/", "amqp://u:s3cr3t@n2:5672/", "amqps://u:s3cr3t@n3/")
+    assert s.url == "amqp://u:s3cr3t@n1:5672/"
+    for text in (repr(s), str(s), str(s.model_dump())):
+        assert "s3cr3t" not in text
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("amqp://u:s3cr3t@n1/,,amqp://u:s3cr3t@n2/", "address 2 of 3 is empty"),
+        ("amqp://u:s3cr3t@n1/,", "address 2 of 2 is empty"),
+        ("amqp://u:s3cr3t@n1/,http://u:s3cr3t@n2/", "address 2 of 2 must be an amqp:// or amqps:// URL with a host"),
+        ("amqp://u:s3cr3t@n1/,amqp://u:s3cr3t@n2:99999/", "address 2 of 2"),
+        ("amqp://u:s3cr3t@[::1/", "the address is not a valid URL"),
+        ("s3cr3t", "the address must be an amqp:// or amqps:// URL with a host"),
+        ("", "the address is empty"),
+    ],
+)
+def test_a_bad_broker_address_is_named_by_position_never_shown(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("SLUICEGATE_RABBITMQ_URL", value)
+    err = invalid(BrokerSettings)
+    message = str(err)
+    assert_one_line(message)
+    assert message.startswith("invalid setting SLUICEGATE_RABBITMQ_URL: ")
+    assert says in message
+    assert "s3cr3t" not in message
+    assert "s3cr3t" not in str(err.__cause__)
+    assert "s3cr3t" not in repr(err.__cause__)
+
+
+def test_broker_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(BrokerSettings).heartbeat_s == 5
+    monkeypatch.setenv("SLUICEGATE_BROKER_HEARTBEAT", "15s")
+    assert load(BrokerSettings).heartbeat_s == 15
+    for bad in ("500ms", "1.5s", "0s", "often"):
+        monkeypatch.setenv("SLUICEGATE_BROKER_HEARTBEAT", bad)
+        message = str(invalid(BrokerSettings))
+        assert_one_line(message)
+        assert "SLUICEGATE_BROKER_HEARTBEAT" in message

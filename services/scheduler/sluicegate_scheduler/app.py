@@ -142,8 +142,8 @@ class Scheduler:
         self._state = "closed"
 
     async def _connect(self, deadline: float) -> AbstractConnection:
-        url = amqp.with_heartbeat(self.broker.url, self.settings.heartbeat)
-        return await amqp.connect_plain(url, deadline=deadline)
+        """A connection to one of the broker's addresses (another one each session: failover)."""
+        return await amqp.connect_plain(self.broker.urls, deadline=deadline, heartbeat=self.settings.heartbeat)
 
     async def _supervise(self, connection: AbstractConnection) -> None:
         """One TaskGroup for the process's loops: a crash is logged and fails readiness."""

@@ -257,7 +257,7 @@ class StateWatcher:
         self._connection: AbstractRobustConnection | None = None
 
     async def start(self) -> None:
-        self._connection = await amqp.connect(self.broker.url, deadline=10)
+        self._connection = await amqp.connect(self.broker.urls, deadline=10)
         channel = await self._connection.channel()
         exchanges = await amqp.Exchanges(self.topology).declare(channel)
         queue = await channel.declare_queue(

@@ -42,7 +42,7 @@ class Stack:
         return f"127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
-        return {"RABBITMQ_URL": self.broker.url, "SLUICEGATE_PREFIX": self.broker.prefix}
+        return {"RABBITMQ_URL": ",".join(self.broker.urls), "SLUICEGATE_PREFIX": self.broker.prefix}
 
     def _sluicegate(self, *args: str) -> list[str]:
         return python_module("sluicegate", "--log-level", self.log_level, "--prefix", self.broker.prefix, *args)
@@ -155,7 +155,7 @@ class Stack:
     async def clean(self) -> None:
         """Delete every queue and exchange of this stack's prefix."""
         with contextlib.suppress(Exception):
-            connection = await amqp.connect(self.broker.url, deadline=5)
+            connection = await amqp.connect(self.broker.urls, deadline=5)
             async with connection:
                 await asyncio.wait_for(
                     amqp.delete_topology(connection, amqp.Topology(self.broker.prefix), [self.dispatcher_id]), 30
