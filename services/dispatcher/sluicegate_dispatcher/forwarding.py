@@ -107,10 +107,12 @@ class Forwarder:
                     raise InvalidInput("attempt must be at least 1")
                 check_task(assignment.task, self._max_payload)
             except InvalidInput as err:
+                self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
                 continue
             self.sessions.count_received(assignment.worker_id, assignment.session_id)
             if is_expired(assignment.task, now_ms()):
+                self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.expire(assignment, delivery)  # too late to start: never sent
                 continue
             valid.append(assignment)
@@ -133,6 +135,9 @@ class Forwarder:
     async def _requeue(
         self, assignments: list[messages_pb2.Assignment], delivery: Delivery, reason: Reason, detail: str
     ) -> None:
+        # Remembered as settled: another copy of the attempt (placed twice) must not run after it came back.
+        for a in assignments:
+            self.sessions.mark_settled((a.task.task_id, a.attempt))
         await asyncio.gather(*(self.settler.requeue(a, delivery, reason, detail) for a in assignments))
 
     async def _send(self, session: WorkerSession, group: list[messages_pb2.Assignment], delivery: Delivery) -> None:

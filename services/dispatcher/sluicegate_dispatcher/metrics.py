@@ -59,8 +59,13 @@ class DispatcherMetrics:
         )
         slots = GaugeMetricFamily("sluicegate_worker_slots", "Slots of connected workers.", labels=["state"])
         slots.add_metric(["total"], sum(s.slots for s in sessions))
-        slots.add_metric(["free"], sum(s.free_slots for s in sessions))
+        slots.add_metric(["free"], sum(s.worker_room for s in sessions))
         yield slots
+        yield gauge(
+            "sluicegate_worker_queued",
+            "Assignments waiting here for a free slot of their worker (the per-worker prefetch).",
+            sum(s.queued for s in sessions),
+        )
         yield gauge("sluicegate_leases_in_flight", "Assignments forwarded and not yet settled.", self._sessions.leases)
         yield counter(
             "sluicegate_send_lock_timeouts", "Sends that did not get the stream's lock in time.", stats.lock_timeouts

@@ -24,6 +24,7 @@ from sluicegate_dispatcher.settlement import Settler
 from sluicegate_dispatcher.stream import WorkerStream
 
 log = logging.getLogger(__name__)
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the end of a stream's messages, untyped in the stubs
 
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_EVENTS_PER_MESSAGE = 10_000
@@ -145,9 +146,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> None:
         try:
             async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
-                first = await anext(requests)
-        except (StopAsyncIteration, TimeoutError) as err:
+                first = await context.read()
+        except TimeoutError as err:
             raise InvalidInput("a session stream starts with a message naming the session") from err
+        if first is EOF:
+            raise InvalidInput("a session stream starts with a message naming the session")
         session = self.sessions.session(first.worker_id, first.session_id)
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
@@ -162,7 +165,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             previous.end("replaced by a newer stream")
         self.forwarder.kick(session)  # what waited in its queue while it had no stream
         self._handle(session, stream, first)
-        reader = asyncio.create_task(self._read(session, stream, requests))
+        reader = asyncio.create_task(self._read(session, stream, context))
         ended = asyncio.create_task(stream.ended.wait())
         try:
             await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
@@ -183,10 +186,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             log.debug("could not end the stream of %s cleanly", session.worker_id)
 
     async def _read(
-        self, session: WorkerSession, stream: WorkerStream, requests: AsyncIterator[worker_pb2.WorkerMessage]
+        self, session: WorkerSession, stream: WorkerStream, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Every message is a sign of life; its events are answered on the stream."""
-        async for message in requests:
+        while (message := await context.read()) is not EOF:
             self._handle(session, stream, message)
         stream.end("the worker closed its stream")
 

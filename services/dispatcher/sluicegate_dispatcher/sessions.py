@@ -320,6 +320,12 @@ class Sessions:
     def was_settled(self, key: LeaseKey) -> bool:
         return key in self._settled
 
+    def mark_settled(self, key: LeaseKey) -> None:
+        """An attempt sent back without ever holding a lease here: a later copy of it is settled at once."""
+        self._settled[key] = False
+        if len(self._settled) > self._remember_settled:
+            self._settled.popitem(last=False)
+
     def finished_before(self, key: LeaseKey) -> bool:
         """Whether the attempt was settled by its result (a terminal report), not sent back."""
         return self._settled.get(key, False)

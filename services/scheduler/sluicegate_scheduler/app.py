@@ -95,6 +95,7 @@ class Scheduler:
         self._runner: asyncio.Task[None] | None = None
         self._connection: AbstractConnection | None = None
         self._lock: AbstractIncomingMessage | None = None
+        self._sessions_started = 0
 
     @property
     def waiting(self) -> int:
@@ -203,8 +204,14 @@ class Scheduler:
         exchanges = await amqp.Exchanges(self.topology).declare(channel)
         await declare_own(channel, self.topology)
         state = await connection.channel()
+        # A name of this session's own: an earlier connection (to a node that froze, say) may still
+        # hold the last one, which is exclusive to it.
+        self._sessions_started += 1
         state_queue = await state.declare_queue(
-            self.topology.scheduler_state_queue(self.instance_id), durable=False, exclusive=True, auto_delete=True
+            self.topology.scheduler_state_queue(f"{self.instance_id}-{self._sessions_started}"),
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
         )
         await state_queue.bind(exchanges.events, routing_key="state.*")
         await state_queue.consume(self._on_state, no_ack=True)

@@ -97,11 +97,14 @@ class Core:
 
     # What the shell consumed.
 
-    def take_tasks(self, tasks: Sequence[messages_pb2.Task], source: amqp.Delivery) -> None:
+    def take_tasks(
+        self, tasks: Sequence[messages_pb2.Task], source: amqp.Delivery, *, redelivered: bool = False
+    ) -> None:
         """Submitted tasks, from an intake queue."""
         for task in tasks:
             self.stats.received += 1
             item = Pending(task=task, source=source, origin=Origin.INTAKE, trace=dict(task.trace), size=task.ByteSize())
+            self._fence(item, redelivered)
             if self._seen(item):
                 continue
             try:
@@ -121,7 +124,12 @@ class Core:
             self._admit(item)
 
     def take_requeued(
-        self, assignments: Sequence[messages_pb2.Assignment], broker_reason: Reason | None, source: amqp.Delivery
+        self,
+        assignments: Sequence[messages_pb2.Assignment],
+        broker_reason: Reason | None,
+        source: amqp.Delivery,
+        *,
+        redelivered: bool = False,
     ) -> None:
         """Attempts the dispatchers (or the broker, for a dead dispatcher) sent back."""
         for a in assignments:
@@ -149,6 +157,7 @@ class Core:
                 trace=dict(a.trace) or dict(a.task.trace),
                 size=a.task.ByteSize(),
             )
+            self._fence(item, redelivered)
             if self._seen(item):
                 self.stats.duplicate_requeues += 1
                 continue
@@ -172,7 +181,13 @@ class Core:
             self._admit(item)
 
     def take_parked(
-        self, items: Sequence[messages_pb2.Parked], source: amqp.Delivery, origin: Origin, lane: Lane | None = None
+        self,
+        items: Sequence[messages_pb2.Parked],
+        source: amqp.Delivery,
+        origin: Origin,
+        lane: Lane | None = None,
+        *,
+        redelivered: bool = False,
     ) -> None:
         """Items back from their lane (origin LANE) or from the delay ladder (origin DUE)."""
         if lane is not None:
@@ -181,6 +196,7 @@ class Core:
             self.delayed = max(0, self.delayed - len(items))
         for parked in items:
             item = from_parked(parked, source, origin)
+            self._fence(item, redelivered)
             if self._seen(item):
                 continue
             if origin == Origin.LANE and lane is not None:
@@ -189,6 +205,16 @@ class Core:
                 self._hold(item, lane)
             else:
                 self._admit(item)
+
+    def _fence(self, item: Pending, redelivered: bool) -> None:
+        """A redelivered message this scheduler knows nothing of may have been placed by a leader before it.
+
+        Such an attempt may already be running elsewhere: the item runs as the next attempt, so
+        that the two are fenced apart (a late report of one never completes the other's). What this
+        scheduler itself saw before a reconnect its ledger recognises; that keeps its number.
+        """
+        if redelivered and self.ledger.standing(item.key) is None:
+            item.attempt += 1
 
     def _seen(self, item: Pending) -> bool:
         """Settle a copy that is not new; True if it was one."""

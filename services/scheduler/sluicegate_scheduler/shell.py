@@ -155,7 +155,7 @@ class Session:
                 if tenant and len(tenant) <= 64:
                     self._creating.add(tenant)
                     self._spawn(self._create_intake(tenant))
-        self.core.take_tasks(batch.tasks, delivery)
+        self.core.take_tasks(batch.tasks, delivery, redelivered=bool(message.redelivered))
         self.wake.set()
 
     async def _on_requeue(self, message: AbstractIncomingMessage) -> None:
@@ -170,7 +170,9 @@ class Session:
         if delivery.pending == 0:
             self._spawn(_settle(message))
             return
-        self.core.take_requeued(batch.assignments, _x_death_reason(message), delivery)
+        self.core.take_requeued(
+            batch.assignments, _x_death_reason(message), delivery, redelivered=bool(message.redelivered)
+        )
         self.wake.set()
 
     async def _on_due(self, message: AbstractIncomingMessage) -> None:
@@ -188,7 +190,7 @@ class Session:
         if delivery.pending == 0:
             self._spawn(_settle(message))
             return
-        self.core.take_parked(batch.items, delivery, origin, lane)
+        self.core.take_parked(batch.items, delivery, origin, lane, redelivered=bool(message.redelivered))
         self.wake.set()
 
     # Tenants' intakes.
