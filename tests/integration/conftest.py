@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,9 +20,10 @@ import pytest
 
 from sluicegate import amqp
 from sluicegate.cli import demo_worker
-from sluicegate.client import Client
+from sluicegate.client import Client, TaskResult, TaskSpec
 from sluicegate.settings import BrokerSettings
-from sluicegate.worker import Worker
+from sluicegate.wire import now_ms
+from sluicegate.worker import TaskContext, Worker
 from sluicegate_dispatcher.app import Dispatcher
 from sluicegate_dispatcher.settings import DispatcherSettings
 from sluicegate_scheduler.app import Scheduler
@@ -101,6 +105,114 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interv
         await asyncio.sleep(interval)
 
 
+def percentile(values: Iterable[float], p: float) -> float:
+    """The nearest-rank percentile: the smallest value at least `p` percent of the values are at or below."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    task_id: str
+    attempt: int
+    worker_id: str
+    at_ms: int  # wall clock, comparable with Task.submitted_at_ms
+    group: str
+
+
+class Recorder:
+    """Handlers that note when and where each task starts and how many run at once, per group.
+
+    A task's group is its payload (decoded), so a test can say which key a task carries. Handlers
+    hold their slot for `hold` seconds, and until `gate` is set.
+    """
+
+    def __init__(self, hold: float = 0.0) -> None:
+        self.hold = hold
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.starts: list[Start] = []
+        self.finished: list[str] = []
+        self.running: Counter[str] = Counter()  # by group
+        self.peak: Counter[str] = Counter()
+        self.by_worker: Counter[str] = Counter()  # running now, by worker id
+
+    def worker(
+        self,
+        address: str,
+        worker_id: str,
+        actions: Iterable[str] = ("work",),
+        *,
+        slots: int = 8,
+        tenant: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Worker:
+        worker = Worker(address, slots=slots, worker_id=worker_id, tenant=tenant, labels=labels)
+        for action in actions:
+            worker.register(action, self._handle)
+        return worker
+
+    async def _handle(self, ctx: TaskContext) -> bytes:
+        group = ctx.payload.decode(errors="replace")[:64]
+        self.starts.append(Start(ctx.task_id, ctx.attempt, ctx.worker_id, now_ms(), group))
+        self.running[group] += 1
+        self.peak[group] = max(self.peak[group], self.running[group])
+        self.by_worker[ctx.worker_id] += 1
+        try:
+            if self.hold:
+                await asyncio.sleep(self.hold)
+            await self.gate.wait()
+        finally:
+            self.running[group] -= 1
+            self.by_worker[ctx.worker_id] -= 1
+        self.finished.append(ctx.task_id)
+        return b""
+
+    def first_start(self) -> dict[str, Start]:
+        """Each task's first start."""
+        first: dict[str, Start] = {}
+        for start in self.starts:
+            first.setdefault(start.task_id, start)
+        return first
+
+    def order(self, ids: Iterable[str] | None = None) -> list[str]:
+        """Task ids in the order their handlers first started (only `ids`, when given)."""
+        wanted = None if ids is None else set(ids)
+        return [t for t in self.first_start() if wanted is None or t in wanted]
+
+    def waits_ms(self, results: Iterable[TaskResult]) -> list[int]:
+        """Submit to first start of each task, in ms (from the submission time the task carries)."""
+        first = self.first_start()
+        return [first[r.task_id].at_ms - r.submitted_at_ms for r in results]
+
+
+async def results_of(client: Client, ids: Iterable[str], timeout: float) -> list[TaskResult]:
+    """Every result, in the order of `ids`; fails after `timeout` seconds."""
+    return await asyncio.wait_for(asyncio.gather(*(client.result(i) for i in ids)), timeout)
+
+
+async def submit_steadily(client: Client, specs: Iterable[TaskSpec], rate: float) -> list[str]:
+    """Submit one task per message at `rate` a second, on a fixed schedule (a slow confirm does not slow it)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent: list[asyncio.Task[list[str]]] = []
+    for index, spec in enumerate(specs):
+        await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
+        sent.append(asyncio.create_task(client.submit_many([spec])))
+    return [task_id for ids in await asyncio.gather(*sent) for task_id in ids]
+
+
+async def kill_worker(worker: Worker) -> None:
+    """End a worker abruptly: its stream and handlers stop at once, with no report and no grace."""
+    runner = worker._runner  # the test's own fault injection; no public API kills a worker
+    assert runner is not None
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+
+
 class Stack:
     """A scheduler, dispatchers, workers and a client on one prefix; everything torn down after the test."""
 
@@ -130,6 +242,10 @@ class Stack:
         await asyncio.wait_for(worker.registered.wait(), 10)
         return worker
 
+    @staticmethod
+    def address(dispatcher: Dispatcher) -> str:
+        return f"127.0.0.1:{dispatcher.port}"
+
     async def client(self) -> Client:
         return await self._stack.enter_async_context(Client(self.broker))
 
@@ -139,8 +255,9 @@ class Stack:
         await eventually(lambda: sum(w.ready for w in scheduler.pool) >= count, timeout=10)
 
 
-@pytest.fixture
-async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def stack_on(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    """A Stack on `broker`'s prefix; on exit everything is closed and every queue and exchange deleted."""
     async with contextlib.AsyncExitStack() as exit_stack:
         s = Stack(broker, exit_stack)
         try:
@@ -151,3 +268,16 @@ async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
             async with connection:
                 dispatcher_ids = [d.id for d in s.dispatchers] + s.dispatchers_ids
                 await amqp.delete_topology(connection, amqp.Topology(broker.prefix), dispatcher_ids)
+
+
+@pytest.fixture
+async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    async with stack_on(broker) as s:
+        yield s
+
+
+@pytest.fixture
+async def twin(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    """A second, independent stack beside `stack` (its own prefix), for runs that compare side by side."""
+    async with stack_on(broker.model_copy(update={"prefix": f"{broker.prefix}-twin"})) as s:
+        yield s
