@@ -7,16 +7,23 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sluicegate import amqp
 from sluicegate.cli import demo_worker
@@ -204,6 +211,23 @@ async def submit_steadily(client: Client, specs: Iterable[TaskSpec], rate: float
     return [task_id for ids in await asyncio.gather(*sent) for task_id in ids]
 
 
+async def flood(broker: BrokerSettings, count: int, tenant: str, action: str = "work", fairness_key: str = "") -> float:
+    """Submit `count` tasks one per message from a producer process of its own; returns the seconds it took."""
+    env = {**os.environ, "RABBITMQ_URL": broker.url, "SLUICEGATE_PREFIX": broker.prefix}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("flood.py")), str(count), tenant, action, fairness_key,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()[-2000:]
+    return float(out)
+
+
 async def kill_worker(worker: Worker) -> None:
     """End a worker abruptly: its stream and handlers stop at once, with no report and no grace."""
     runner = worker._runner  # the test's own fault injection; no public API kills a worker
@@ -211,6 +235,108 @@ async def kill_worker(worker: Worker) -> None:
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError as err:
+        return 0, str(err)
+
+
+def samples(text: str) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class SchedulerProcess:
+    """A scheduler run as `sluicegate scheduler` in a process of its own, seen through its metrics port."""
+
+    def __init__(self, broker: BrokerSettings, settings: dict[str, str]) -> None:
+        self.broker = broker
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "RABBITMQ_URL": broker.url,
+            "SLUICEGATE_PREFIX": broker.prefix,
+            "SLUICEGATE_METRICS_PORT": str(self.port),
+            "SLUICEGATE_METRICS_HOST": "127.0.0.1",
+            **{f"SLUICEGATE_SCHEDULER_{name.upper()}": value for name, value in settings.items()},
+        }
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> SchedulerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sluicegate", "--log-level", "WARNING", "scheduler",
+            env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        ready: list[int] = []
+
+        async def is_ready() -> bool:
+            ready.append((await asyncio.to_thread(scrape, self.port, "/readyz"))[0])
+            return ready[-1] == 200
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not await is_ready():
+            assert self.process.returncode is None, "the scheduler process ended"
+            assert loop.time() < deadline, "the scheduler process never became ready"
+            await asyncio.sleep(0.1)
+        return self
+
+    async def metrics(self) -> Samples:
+        status, text = await asyncio.to_thread(scrape, self.port)
+        assert status == 200, text
+        return samples(text)
+
+    async def value(self, name: str, **labels: str) -> float:
+        return (await self.metrics()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    async def until(self, check: Callable[[Samples], bool], timeout: float = 10.0) -> Samples:
+        """Scrape until `check` holds for the samples; returns them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not check(found := await self.metrics()):
+            if loop.time() > deadline:
+                raise AssertionError(f"scheduler metrics not as expected within {timeout}s")
+            await asyncio.sleep(0.05)
+        return found
+
+    async def wait_workers_known(self, count: int) -> None:
+        await self.until(lambda m: m.get(("sluicegate_known_workers", ()), 0) >= count)
+
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        """Resident memory now (VmRSS) or at its peak (VmHWM), in kB."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} for the scheduler process")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
 
 
 class Stack:
@@ -245,6 +371,12 @@ class Stack:
     @staticmethod
     def address(dispatcher: Dispatcher) -> str:
         return f"127.0.0.1:{dispatcher.port}"
+
+    async def spawn_scheduler(self, **settings: str) -> SchedulerProcess:
+        """A scheduler in a process of its own (stopped at the end of the test)."""
+        process = SchedulerProcess(self.broker, settings)
+        self._stack.push_async_callback(process.stop)
+        return await process.start()
 
     async def client(self) -> Client:
         return await self._stack.enter_async_context(Client(self.broker))

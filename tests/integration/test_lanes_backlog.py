@@ -9,7 +9,7 @@ import time
 from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 
-from .conftest import Recorder, Stack, eventually, percentile, results_of, submit_steadily
+from .conftest import Recorder, Stack, eventually, flood, percentile, results_of, submit_steadily
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 
@@ -66,3 +66,58 @@ async def test_a_backlog_for_an_action_nobody_serves_delays_nobody(stack: Stack,
     ran = [s.task_id for s in loaded.starts if s.worker_id == "late"]
     assert sorted(ran) == sorted(backlog), "each of the 5,000 ran exactly once"
     await eventually(lambda: scheduler.waiting == 0)
+
+
+async def test_b_a_tenant_flooding_one_task_per_message_delays_no_other_tenant(stack: Stack) -> None:
+    scheduler = await stack.spawn_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    address = stack.address(dispatcher)
+    flooder, other = Recorder(hold=0.005), Recorder()
+    for tenant, recorder in (("acme", flooder), ("globex", other)):
+        for index in range(2):
+            name = f"{tenant}-{index}"
+            await stack.start_worker(dispatcher, name, worker=recorder.worker(address, name, slots=16, tenant=tenant))
+    await scheduler.wait_workers_known(4)
+    client = await stack.client()
+
+    submitted_in = await flood(stack.broker, 10_000, "acme")
+    ids = await client.submit_many([TaskSpec("work", b"", tenant="globex") for _ in range(100)], batch_size=1)
+    waits = other.waits_ms(await results_of(client, ids, 60))
+    done = len(flooder.first_start())
+    print(f"\n(b) 10,000 of tenant acme submitted in {submitted_in:.1f} s; 100 of globex just after: {summary(waits)}")
+    print(f"(b) acme had run {done} of its 10,000 when globex's last started")
+    assert done < 10_000, "acme still had a backlog when globex's tasks ran"
+    assert percentile(waits, 99) < 1000
+
+
+async def test_c_a_key_flooding_its_tenant_delays_no_other_key_and_keys_share_by_weight(stack: Stack) -> None:
+    scheduler = await stack.spawn_scheduler(fairness_weights="heavy=3")
+    dispatcher = await stack.start_dispatcher()
+    address = stack.address(dispatcher)
+    recorder = Recorder(hold=0.005)
+    for name in ("w1", "w2"):
+        await stack.start_worker(dispatcher, name, worker=recorder.worker(address, name, slots=16))
+    await scheduler.wait_workers_known(2)
+    client = await stack.client()
+
+    flood = await client.submit_many([TaskSpec("work", b"k1", fairness_key="k1") for _ in range(10_000)])
+    ids = await client.submit_many([TaskSpec("work", b"k2", fairness_key="k2") for _ in range(100)])
+    waits = recorder.waits_ms(await results_of(client, ids, 60))
+    done = len(set(flood) & set(recorder.first_start()))
+    print(f"\n(c) 10,000 of key k1, then 100 of key k2 just after: k2 {summary(waits)}; k1 had run {done} by then")
+    assert done < 10_000, "k1 still had a backlog when k2's tasks ran"
+    assert percentile(waits, 99) < 1000
+
+    # Weights: with both keys backlogged, "heavy" (weight 3) gets three slots for each of "light"'s.
+    recorder.starts.clear()
+    await client.submit_many(
+        [TaskSpec("work", b"heavy", fairness_key="heavy") for _ in range(3000)]
+        + [TaskSpec("work", b"light", fairness_key="light") for _ in range(3000)]
+    )
+    await eventually(lambda: sum(s.group == "light" for s in recorder.starts) >= 300, timeout=60)
+    both = [s.group for s in recorder.starts if s.group in ("heavy", "light")]
+    last_light = max(i for i, g in enumerate(both) if g == "light")
+    window = both[: last_light + 1]
+    heavy, light = window.count("heavy"), window.count("light")
+    print(f"(c) with heavy=3, both backlogged: heavy {heavy}, light {light}, ratio {heavy / light:.2f}")
+    assert 2.5 <= heavy / light <= 3.5
