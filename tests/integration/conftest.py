@@ -329,6 +329,12 @@ class SchedulerProcess:
                 return int(line.split()[1])
         raise AssertionError(f"no {field} for the scheduler process")
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the scheduler process has used."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     async def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(sig)

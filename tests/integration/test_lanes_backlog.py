@@ -91,16 +91,17 @@ async def test_b_a_tenant_flooding_one_task_per_message_delays_no_other_tenant(s
 
 
 async def test_c_a_key_flooding_its_tenant_delays_no_other_key_and_keys_share_by_weight(stack: Stack) -> None:
-    scheduler = await stack.spawn_scheduler(fairness_weights="heavy=3")
+    await stack.start_scheduler(fairness_weights="heavy=3")
     dispatcher = await stack.start_dispatcher()
     address = stack.address(dispatcher)
     recorder = Recorder(hold=0.005)
     for name in ("w1", "w2"):
         await stack.start_worker(dispatcher, name, worker=recorder.worker(address, name, slots=16))
-    await scheduler.wait_workers_known(2)
+    await stack.wait_workers_known(2)
     client = await stack.client()
 
-    flood = await client.submit_many([TaskSpec("work", b"k1", fairness_key="k1") for _ in range(10_000)])
+    specs = [TaskSpec("work", b"k1", fairness_key="k1") for _ in range(10_000)]
+    flood = await client.submit_many(specs)
     ids = await client.submit_many([TaskSpec("work", b"k2", fairness_key="k2") for _ in range(100)])
     waits = recorder.waits_ms(await results_of(client, ids, 60))
     done = len(set(flood) & set(recorder.first_start()))
