@@ -9,7 +9,10 @@ import statistics
 from datetime import UTC, datetime, timedelta
 
 from sluicegate.client import TaskSpec
+from sluicegate.retry import Backoff, RetryPolicy
 from sluicegate.v1 import messages_pb2
+from sluicegate.wire import now_ms
+from sluicegate.worker import TaskContext, Worker
 
 from .conftest import Recorder, Stack, eventually, percentile, results_of
 
@@ -72,3 +75,66 @@ async def test_f_delayed_tasks_never_start_early_and_survive_a_scheduler_restart
     assert min(late) >= 0, "a delayed task started before its time after the restart"
     assert max(late) < 1500
     assert len(recorder.starts) == len(ids), "each ran once"
+
+
+class Flaky:
+    """A handler failing each task's first `failures` attempts; notes when each attempt started and failed."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.started: dict[tuple[str, int], int] = {}
+        self.failed: dict[tuple[str, int], int] = {}
+
+    async def __call__(self, ctx: TaskContext) -> bytes:
+        self.started[(ctx.task_id, ctx.attempt)] = now_ms()
+        if ctx.attempt <= self.failures:
+            self.failed[(ctx.task_id, ctx.attempt)] = now_ms()
+            raise RuntimeError(f"attempt {ctx.attempt} fails")
+        return b"ok"
+
+    def gaps(self, task_id: str) -> list[int]:
+        """From each failure to the next attempt's start, in ms."""
+        return [
+            self.started[(task_id, attempt + 1)] - self.failed[(task_id, attempt)]
+            for attempt in range(1, self.failures + 1)
+            if (task_id, attempt + 1) in self.started
+        ]
+
+
+async def test_g_retries_wait_their_backoff_and_a_restart_does_not_hurry_them(stack: Stack) -> None:
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    flaky = Flaky(failures=3)
+    worker = Worker(stack.address(dispatcher), slots=8, worker_id="flaky")
+    worker.register("own", flaky)  # tasks bring their own policy
+    worker.register("default", flaky, max_retries=3, backoff=Backoff(initial=0.3, max=0.3, jitter=False))
+    await stack.start_worker(dispatcher, "flaky", worker=worker)
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+
+    policy = RetryPolicy(max_retries=3, initial=0.4, max=1.0, multiplier=2.0, jitter=False)
+    own = await client.submit_many([TaskSpec("own", b"", retry=policy) for _ in range(4)])
+    by_default = await client.submit_many([TaskSpec("default", b"") for _ in range(4)])
+    results = await results_of(client, own + by_default, 30)
+    assert [(r.status, r.attempt) for r in results] == [(COMPLETED, 4)] * 8
+    for ids, waits in ((own, [400, 800, 1000]), (by_default, [300, 300, 300])):
+        for task_id in ids:
+            gaps = flaky.gaps(task_id)
+            print(f"\n(g) waits {waits} ms: failure to next attempt {gaps} ms", end="")
+            assert all(wait <= gap < wait + 1000 for gap, wait in zip(gaps, waits, strict=True)), (gaps, waits)
+
+    # A 4 s backoff with a scheduler restart in the middle: not lost, not hurried.
+    slow = RetryPolicy(max_retries=1, initial=4.0, max=4.0, jitter=False)
+    flaky.failures = 1
+    task_id = await client.submit("own", b"", retry=slow)
+    await eventually(lambda: (task_id, 1) in flaky.failed, timeout=10)
+    await eventually(lambda: scheduler.core.delayed == 1, timeout=5)  # on the ladder, not in memory
+    await asyncio.sleep(1.0)
+    await scheduler.close()
+    await asyncio.sleep(0.5)
+    scheduler = await stack.start_scheduler()
+    result = await client.result(task_id, timeout=20)
+    assert (result.status, result.attempt) == (COMPLETED, 2)
+    (gap,) = flaky.gaps(task_id)
+    print(f"\n(g) a 4000 ms backoff across a scheduler restart: failure to retry {gap} ms")
+    assert 4000 <= gap < 5500
