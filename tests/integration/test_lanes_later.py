@@ -17,6 +17,7 @@ from sluicegate.worker import TaskContext, Worker
 from .conftest import Recorder, Stack, eventually, percentile, results_of
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
+EXPIRED = messages_pb2.TASK_STATUS_EXPIRED
 
 
 def lateness(recorder: Recorder, results: list[messages_pb2.TaskResult], delays: dict[str, float]) -> list[int]:
@@ -138,3 +139,38 @@ async def test_g_retries_wait_their_backoff_and_a_restart_does_not_hurry_them(st
     (gap,) = flaky.gaps(task_id)
     print(f"\n(g) a 4000 ms backoff across a scheduler restart: failure to retry {gap} ms")
     assert 4000 <= gap < 5500
+
+
+async def test_h_a_task_not_started_in_time_expires_at_the_scheduler_and_never_runs(stack: Stack) -> None:
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    recorder = Recorder()
+    recorder.gate.clear()  # whatever starts holds its slot until the gate opens
+    await stack.start_worker(dispatcher, "busy", worker=recorder.worker(stack.address(dispatcher), "busy", slots=1))
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+
+    # Nobody serves its action.
+    orphan = await client.submit("nobody", b"", schedule_timeout=1.0)
+    # Its action's only slot is taken: it waits in its lane behind the running task, and one with time to spare.
+    running = await client.submit("work", b"")
+    await eventually(lambda: len(recorder.starts) == 1, timeout=10)
+    behind = await client.submit("work", b"", schedule_timeout=1.0)
+    patient = await client.submit("work", b"", schedule_timeout=60.0)
+
+    for task_id in (orphan, behind):
+        result = await client.result(task_id, timeout=10)
+        assert result.status == EXPIRED
+        assert "not started within 1000 ms of submission" in result.error
+        assert 1000 <= result.finished_at_ms - result.submitted_at_ms < 3000
+    assert scheduler.stats.expired == 2, "the scheduler expired both, not a dispatcher"
+
+    late = recorder.worker(stack.address(dispatcher), "late", ["nobody"], slots=4)
+    await stack.start_worker(dispatcher, "late", worker=late)
+    recorder.gate.set()
+    for task_id in (running, patient):
+        assert (await client.result(task_id, timeout=10)).status == COMPLETED
+    await asyncio.sleep(1.0)  # an expired task that ran anyway would start within this
+    assert recorder.order() == [running, patient], "neither expired task ever ran"
+    await eventually(lambda: scheduler.waiting == 0)
+    assert client.duplicates == 0
