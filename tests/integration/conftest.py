@@ -144,7 +144,7 @@ class Recorder:
         self.finished: list[str] = []
         self.running: Counter[str] = Counter()  # by group
         self.peak: Counter[str] = Counter()
-        self.by_worker: Counter[str] = Counter()  # running now, by worker id
+        self.by_worker: Counter[tuple[str, str]] = Counter()  # running now, by (worker id, group)
 
     def worker(
         self,
@@ -166,14 +166,14 @@ class Recorder:
         self.starts.append(Start(ctx.task_id, ctx.attempt, ctx.worker_id, now_ms(), group))
         self.running[group] += 1
         self.peak[group] = max(self.peak[group], self.running[group])
-        self.by_worker[ctx.worker_id] += 1
+        self.by_worker[(ctx.worker_id, group)] += 1
         try:
             if self.hold:
                 await asyncio.sleep(self.hold)
             await self.gate.wait()
         finally:
             self.running[group] -= 1
-            self.by_worker[ctx.worker_id] -= 1
+            self.by_worker[(ctx.worker_id, group)] -= 1
         self.finished.append(ctx.task_id)
         return b""
 
