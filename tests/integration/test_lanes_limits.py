@@ -3,6 +3,14 @@ worker, rate limits pace starts, preferred labels and sticky keys steer tasks.""
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from sluicegate import amqp
 from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 
@@ -44,3 +52,53 @@ async def test_i_a_concurrency_cap_holds_under_load_and_its_slots_come_back_from
     reran = [r for r in results if r.attempt > 1]
     assert any(r.task_id in hot for r in reran), "the killed worker's tasks of key hot ran again elsewhere"
     await eventually(lambda: scheduler.pool.running(("default", "work", "hot")) == 0, timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def assignments_to(stack: Stack, dispatcher_id: str) -> AsyncIterator[list[messages_pb2.Assignment]]:
+    """Every assignment published to a dispatcher from now on, seen through a private queue beside its inbox."""
+    connection = await aio_pika.connect(stack.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{stack.broker.prefix}.test.{uuid.uuid4().hex[:8]}", exclusive=True)
+        await queue.bind(amqp.Topology(stack.broker.prefix).assign, routing_key=dispatcher_id)
+        seen: list[messages_pb2.Assignment] = []
+
+        async def keep(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+            seen.extend(messages_pb2.AssignmentBatch.FromString(message.body).assignments)
+
+        await queue.consume(keep)
+        yield seen
+
+
+async def test_i_a_rate_limit_paces_the_starts_of_its_key_only(stack: Stack) -> None:
+    await stack.start_scheduler(rate_limits="work:paced=10/1s")
+    dispatcher = await stack.start_dispatcher()
+    recorder = Recorder()
+    await stack.start_worker(dispatcher, "w", worker=recorder.worker(stack.address(dispatcher), "w", slots=32))
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+
+    async with assignments_to(stack, dispatcher.id) as assigned:
+        paced = await client.submit_many([TaskSpec("work", b"paced", concurrency_key="paced") for _ in range(40)])
+        other = await client.submit_many([TaskSpec("work", b"other", concurrency_key="other") for _ in range(40)])
+        results = await results_of(client, paced + other, 30)
+        assert all(r.status == COMPLETED for r in results)
+        await eventually(lambda: len(assigned) == 80)
+
+    # When the scheduler placed them: a token bucket of 10, refilled at 10 a second, allows at most
+    # 10 + 10 t placements in any t seconds.
+    placed = sorted(a.assigned_at_ms for a in assigned if a.task.concurrency_key == "paced")
+    for i, early in enumerate(placed):
+        for j in range(i, len(placed)):
+            assert j - i + 1 <= 10 + 10 * (placed[j] - early) / 1000 + 1e-9, (i, j, placed[j] - early)
+    assert placed[-1] - placed[0] >= 2900, "the 30 past the first burst waited for 3 s of refill"
+    first = recorder.first_start()
+    starts = sorted(first[t].at_ms for t in paced)
+    per_second = [sum(starts[0] + 1000 * s <= t < starts[0] + 1000 * (s + 1) for t in starts) for s in range(4)]
+    print(f"\n(i) 40 tasks at 10/1s: placed over {(placed[-1] - placed[0]) / 1000:.2f} s, "
+          f"started over {(starts[-1] - starts[0]) / 1000:.2f} s, starts per second {per_second}")  # fmt: skip
+    assert starts[-1] - starts[0] >= 2500
+    others = sorted(first[t].at_ms for t in other)
+    assert others[-1] - others[0] < 2000, "another key is not paced"
