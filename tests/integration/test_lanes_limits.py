@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -102,3 +103,85 @@ async def test_i_a_rate_limit_paces_the_starts_of_its_key_only(stack: Stack) -> 
     assert starts[-1] - starts[0] >= 2500
     others = sorted(first[t].at_ms for t in other)
     assert others[-1] - others[0] < 2000, "another key is not paced"
+
+
+async def test_j_preferred_labels_steer_tasks_to_the_matching_worker_while_it_has_room(stack: Stack) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    recorder = Recorder()
+    recorder.gate.clear()
+    address = stack.address(dispatcher)
+    labels = {
+        "eu-cpu": {"zone": "eu", "gpu": "none"},
+        "us-gpu": {"zone": "us", "gpu": "a100"},
+        "us-cpu": {"zone": "us"},
+    }
+    for name, worker_labels in labels.items():
+        await stack.start_worker(dispatcher, name, worker=recorder.worker(address, name, slots=8, labels=worker_labels))
+    await stack.wait_workers_known(3)
+    client = await stack.client()
+
+    def where(ids: list[str]) -> Counter[str]:
+        first = recorder.first_start()
+        return Counter(first[t].worker_id for t in ids if t in first)
+
+    # The heavier preference wins; each worker has room for all eight.
+    gpu_first = await client.submit_many(
+        [TaskSpec("work", b"", preferred={"zone=eu": 1, "gpu=a100": 5}) for _ in range(8)]
+    )
+    await eventually(lambda: sum(where(gpu_first).values()) == 8)
+    eu_first = await client.submit_many(
+        [TaskSpec("work", b"", preferred={"zone=eu": 5, "gpu=a100": 1}) for _ in range(8)]
+    )
+    await eventually(lambda: sum(where(eu_first).values()) == 8)
+    assert where(gpu_first) == {"us-gpu": 8}
+    assert where(eu_first) == {"eu-cpu": 8}
+    # Preferred is not required: with the matching workers full, tasks go where there is room.
+    overflow = await client.submit_many([TaskSpec("work", b"", preferred={"gpu=a100": 5}) for _ in range(8)])
+    await eventually(lambda: sum(where(overflow).values()) == 8)
+    assert where(overflow) == {"us-cpu": 8}
+    recorder.gate.set()
+    assert all(r.status == COMPLETED for r in await results_of(client, gpu_first + eu_first + overflow, 30))
+
+
+async def test_j_a_sticky_key_keeps_to_its_worker_while_it_lives_and_moves_when_it_stops(stack: Stack) -> None:
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    recorder = Recorder(hold=0.02)
+    address = stack.address(dispatcher)
+    workers = {}
+    for name in ("w1", "w2", "w3"):
+        workers[name] = await stack.start_worker(dispatcher, name, worker=recorder.worker(address, name, slots=4))
+    await stack.wait_workers_known(3)
+    client = await stack.client()
+
+    def where(ids: list[str]) -> Counter[str]:
+        first = recorder.first_start()
+        return Counter(first[t].worker_id for t in ids)
+
+    # More tasks of each key than one worker has slots: they wait for their worker rather than spread.
+    keys = ("customer-1", "customer-2", "customer-3", "customer-4")
+    by_key = {key: await client.submit_many([TaskSpec("work", b"", sticky_key=key) for _ in range(12)]) for key in keys}
+    loose = await client.submit_many([TaskSpec("work", b"") for _ in range(24)])
+    await results_of(client, [t for ids in by_key.values() for t in ids] + loose, 60)
+    homes = {}
+    for key, ids in by_key.items():
+        (home,) = where(ids)
+        homes[key] = home
+    print(f"\n(j) sticky homes {homes}; tasks without a key ran on {dict(where(loose))}")
+    assert len(where(loose)) > 1, "tasks without a sticky key spread"
+
+    # The home of customer-1 stops: its tasks go elsewhere, and keep to their new home.
+    gone = homes["customer-1"]
+    await workers[gone].stop()
+    await eventually(
+        lambda: (
+            sum(w.ready for w in scheduler.pool if w.worker_id != gone) == 2
+            and not any(w.worker_id == gone and w.ready for w in scheduler.pool)
+        )
+    )
+    moved = await client.submit_many([TaskSpec("work", b"", sticky_key="customer-1") for _ in range(12)])
+    await results_of(client, moved, 30)
+    (new_home,) = where(moved)
+    assert new_home != gone
+    print(f"(j) customer-1 moved from {gone} to {new_home}")
