@@ -9,7 +9,8 @@ import time
 from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 
-from .conftest import Recorder, Stack, eventually, flood, percentile, results_of, submit_steadily
+from .conftest import Stack, eventually
+from .helpers import Recorder, flood, percentile, results_of, submit_steadily
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 

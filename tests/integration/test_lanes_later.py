@@ -14,7 +14,8 @@ from sluicegate.v1 import messages_pb2
 from sluicegate.wire import now_ms
 from sluicegate.worker import TaskContext, Worker
 
-from .conftest import Recorder, Stack, eventually, percentile, results_of
+from .conftest import Stack, eventually
+from .helpers import Recorder, percentile, results_of
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 EXPIRED = messages_pb2.TASK_STATUS_EXPIRED

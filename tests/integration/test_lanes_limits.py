@@ -15,7 +15,8 @@ from sluicegate import amqp
 from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 
-from .conftest import Recorder, Stack, eventually, kill_worker, results_of
+from .conftest import Stack, eventually
+from .helpers import Recorder, kill_worker, results_of
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 

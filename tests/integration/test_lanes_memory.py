@@ -10,7 +10,8 @@ from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 from sluicegate_scheduler.lanes import LaneKey
 
-from .conftest import Recorder, Stack, results_of
+from .conftest import Stack
+from .helpers import Recorder, results_of
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 MB = 1_000_000

@@ -6,7 +6,8 @@ from __future__ import annotations
 from sluicegate.client import TaskSpec
 from sluicegate.v1 import messages_pb2
 
-from .conftest import Recorder, Stack, eventually, results_of
+from .conftest import Stack, eventually
+from .helpers import Recorder, results_of
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 

@@ -11,7 +11,8 @@ from sluicegate.client import TaskSpec
 from sluicegate.metrics import MetricsServer
 from sluicegate.wire import now_ms
 
-from .conftest import Recorder, Samples, Stack, samples, scrape
+from .conftest import Stack
+from .helpers import Recorder, Samples, samples, scrape
 
 NOBODY = "wait in a lane: no connected worker serves it"
 
