@@ -70,12 +70,16 @@ class Forwarder:
         if current is not None:
             self.d.stats.redeliveries += 1
             if _still_open(current.token):
+                # A copy is consumed like any assignment: the scheduler counted its publish, and a copy
+                # left out of `received` would read as in transit forever, a slot it never gives again.
+                self.d.sessions.count_received(assignment.worker_id, assignment.session_id)
                 await self.d.settler.item_done(delivery)
             else:
                 current.token = delivery
             return True
         if self.d.sessions.was_settled(key):
             self.d.stats.redeliveries += 1
+            self.d.sessions.count_received(assignment.worker_id, assignment.session_id)
             await self.d.settler.item_done(delivery)
             return True
         return False
