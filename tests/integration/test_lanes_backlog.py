@@ -20,7 +20,7 @@ def summary(waits: list[int]) -> str:
 
 
 async def serving(stack: Stack, recorder: Recorder, workers: int = 2, slots: int = 16) -> Stack:
-    """A scheduler, a dispatcher and `workers` workers of `action` work that record what they run."""
+    """A scheduler, a dispatcher and `workers` workers of the action `work` that record what they run."""
     await stack.start_scheduler()
     dispatcher = await stack.start_dispatcher()
     for index in range(workers):
@@ -70,6 +70,8 @@ async def test_a_backlog_for_an_action_nobody_serves_delays_nobody(stack: Stack,
 
 
 async def test_b_a_tenant_flooding_one_task_per_message_delays_no_other_tenant(stack: Stack) -> None:
+    """The flood comes from a producer process of its own, faster than the scheduler (a process of its
+    own too) reads it, so that most of it still waits in the broker when the other tenant submits."""
     scheduler = await stack.spawn_scheduler()
     dispatcher = await stack.start_dispatcher()
     address = stack.address(dispatcher)
@@ -92,6 +94,8 @@ async def test_b_a_tenant_flooding_one_task_per_message_delays_no_other_tenant(s
 
 
 async def test_c_a_key_flooding_its_tenant_delays_no_other_key_and_keys_share_by_weight(stack: Stack) -> None:
+    """One tenant's intake is first in, first out: the other key's tasks wait until the scheduler has
+    read the burst ahead of them into its key's lane, and no longer."""
     await stack.start_scheduler(fairness_weights="heavy=3")
     dispatcher = await stack.start_dispatcher()
     address = stack.address(dispatcher)
@@ -101,11 +105,10 @@ async def test_c_a_key_flooding_its_tenant_delays_no_other_key_and_keys_share_by
     await stack.wait_workers_known(2)
     client = await stack.client()
 
-    specs = [TaskSpec("work", b"k1", fairness_key="k1") for _ in range(10_000)]
-    flood = await client.submit_many(specs)
+    burst = await client.submit_many([TaskSpec("work", b"k1", fairness_key="k1") for _ in range(10_000)])
     ids = await client.submit_many([TaskSpec("work", b"k2", fairness_key="k2") for _ in range(100)])
     waits = recorder.waits_ms(await results_of(client, ids, 60))
-    done = len(set(flood) & set(recorder.first_start()))
+    done = len(set(burst) & set(recorder.first_start()))
     print(f"\n(c) 10,000 of key k1, then 100 of key k2 just after: k2 {summary(waits)}; k1 had run {done} by then")
     assert done < 10_000, "k1 still had a backlog when k2's tasks ran"
     assert percentile(waits, 99) < 1000
