@@ -34,6 +34,8 @@ from sluicegate_dispatcher.settings import DispatcherSettings
 from sluicegate_scheduler.app import Scheduler
 from sluicegate_scheduler.settings import SchedulerSettings
 
+from .helpers import SchedulerProcess
+
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RABBITMQ_IMAGE = ("SLUICEGATE_TEST_RABBITMQ_IMAGE", "rabbitmq:3.13-management")
@@ -189,6 +191,16 @@ class Stack:
         await asyncio.wait_for(worker.registered.wait(), 10)
         return worker
 
+    @staticmethod
+    def address(dispatcher: Dispatcher) -> str:
+        return f"127.0.0.1:{dispatcher.port}"
+
+    async def spawn_scheduler(self, **settings: str) -> SchedulerProcess:
+        """A scheduler in a process of its own (stopped at the end of the test)."""
+        process = SchedulerProcess(self.broker, settings)
+        self._stack.push_async_callback(process.stop)
+        return await process.start()
+
     async def client(self) -> Client:
         return await self._stack.enter_async_context(Client(self.broker))
 
@@ -198,8 +210,9 @@ class Stack:
         await eventually(lambda: sum(w.ready for w in scheduler.pool) >= count, timeout=10)
 
 
-@pytest.fixture
-async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def stack_on(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    """A Stack on `broker`'s prefix; on exit everything is closed and every queue and exchange deleted."""
     async with contextlib.AsyncExitStack() as exit_stack:
         s = Stack(broker, exit_stack)
         try:
@@ -210,3 +223,16 @@ async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
             async with connection:
                 dispatcher_ids = [d.id for d in s.dispatchers] + s.dispatchers_ids
                 await amqp.delete_topology(connection, amqp.Topology(broker.prefix), dispatcher_ids)
+
+
+@pytest.fixture
+async def stack(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    async with stack_on(broker) as s:
+        yield s
+
+
+@pytest.fixture
+async def twin(broker: BrokerSettings) -> AsyncIterator[Stack]:
+    """A second, independent stack beside `stack` (its own prefix), for runs that compare side by side."""
+    async with stack_on(broker.model_copy(update={"prefix": f"{broker.prefix}-twin"})) as s:
+        yield s

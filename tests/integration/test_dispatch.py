@@ -155,3 +155,56 @@ async def test_large_outputs_are_reported_in_requests_that_fit_and_oversized_one
     assert failed.status == messages_pb2.TASK_STATUS_FAILED
     assert f"output is {limit + 1} bytes; the limit is {limit}" in failed.error
     assert dispatcher.stats.requeued == {}, "nothing timed out waiting for a receipt"
+
+
+async def test_a_copy_of_an_assignment_is_counted_as_consumed_so_the_schedulers_view_frees_the_slot(
+    stack: Stack,
+) -> None:
+    """A scheduler that lost a confirm (or took over from one killed before acking) publishes an
+    assignment again. The dispatcher settles the copy at once; it must still count it as consumed for
+    the session, or the scheduler, which counted the publish, sees it in transit and the slot full forever."""
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    release = asyncio.Event()
+    ran: list[str] = []
+    worker = Worker(f"127.0.0.1:{dispatcher.port}", slots=1, worker_id="one")
+
+    @worker.action("hold")
+    async def hold(ctx: TaskContext) -> bytes:
+        ran.append(ctx.task_id)
+        await release.wait()
+        return b""
+
+    await stack.start_worker(dispatcher, "one", worker=worker)
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+    task_id = await client.submit("hold", b"")
+    await eventually(lambda: ran == [task_id])
+    (view,) = list(scheduler.pool)
+    assert view.free == 0
+
+    # The same attempt published again, as the scheduler that placed it twice counted it.
+    (session,) = list(dispatcher.sessions)
+    (lease,) = list(session.leases.values())
+    copy = messages_pb2.Assignment()
+    copy.CopyFrom(lease.payload)
+    connection = await aio_pika.connect(stack.broker.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(scheduler.topology.assign, ensure=False)
+        body = messages_pb2.AssignmentBatch(assignments=[copy]).SerializeToString()
+        scheduler.pool.assigned(view)
+        await exchange.publish(aio_pika.Message(body), routing_key=dispatcher.id)
+        await eventually(lambda: dispatcher.stats.redeliveries == 1)
+        release.set()
+        assert (await client.result(task_id, timeout=10)).status == COMPLETED
+        # After the task ends, another copy (of an attempt already settled) is consumed and counted too.
+        scheduler.pool.assigned(next(iter(scheduler.pool)))
+        await exchange.publish(aio_pika.Message(body), routing_key=dispatcher.id)
+        await eventually(lambda: dispatcher.stats.redeliveries == 2)
+
+    await eventually(lambda: session.received == 3)
+    await eventually(lambda: [w.free for w in scheduler.pool] == [1], timeout=5)
+    assert ran == [task_id], "the copies never ran"
+    second = await client.submit("hold", b"")
+    assert (await client.result(second, timeout=10)).status == COMPLETED, "the slot came back"

@@ -85,12 +85,16 @@ class Forwarder:
         if current is not None:
             self.stats.redeliveries += 1
             if _still_open(current.token):
+                # A copy is consumed like any assignment: the scheduler counted its publish, and a copy
+                # left out of `received` would read as in transit forever, a slot it never gives again.
+                self.sessions.count_received(assignment.worker_id, assignment.session_id)
                 await self.settler.item_done(delivery)
             else:
                 current.token = delivery
             return True
         if self.sessions.was_settled(key):
             self.stats.redeliveries += 1
+            self.sessions.count_received(assignment.worker_id, assignment.session_id)
             await self.settler.item_done(delivery)
             return True
         return False

@@ -57,11 +57,12 @@ class DispatcherSettings(BaseSettings):
         description="Most assignments a worker may have unacknowledged at once (never more than its slots).",
     )
     worker_prefetch: int = Field(
-        default=10,
+        default=4,
         ge=0,
         le=10_000,
         description="Assignments a worker may have queued here beyond its free slots (at most its slots), "
-        "sent as slots free, highest priority first: the refill of a slot skips the round trip to the scheduler.",
+        "sent as slots free, highest priority first: the refill of a slot skips the round trip to the scheduler. "
+        "Deeper queues trade fairness between keys (a key queued here goes first) for throughput.",
     )
     prefetch: int = Field(default=2000, ge=1, le=65535, description="Unsettled inbox messages held at once.")
     inbox_ttl: PositiveDuration = Field(

@@ -242,7 +242,7 @@ class Core:
                 self.wake(self.clock() + (item.not_before_ms - now) / 1000)
             else:
                 self.ledger.parked(item.key)
-                self.outbox.add(Entry(Kind.DELAY, str(rung), to_parked(item, now), item, item.size))
+                self.outbox.add(Entry(Kind.DELAY, str(rung), self._parked_form(item, now), item, item.size))
             return
         lane = self.book.lane_for(item.task)
         if item.origin == Origin.REQUEUE:
@@ -275,7 +275,15 @@ class Core:
         self.ledger.parked(item.key)
         lane.park_started(item)
         lane.idle_since = None
-        self.outbox.add(Entry(Kind.PARK, lane.name, to_parked(item, self.wall()), item, item.size))
+        self.outbox.add(Entry(Kind.PARK, lane.name, self._parked_form(item, self.wall()), item, item.size))
+
+    @staticmethod
+    def _parked_form(item: Pending, now: int) -> messages_pb2.Parked:
+        """The item as it waits on the wire. Its task now points into that copy, so the message it came
+        in can be freed: a parked task is held once until its park is confirmed, not twice."""
+        parked = to_parked(item, now)
+        item.task = parked.task
+        return parked
 
     def _expired(self, item: Pending) -> bool:
         deadline = item.deadline_ms

@@ -76,7 +76,9 @@ class Outbox:
         queue = self._queues[destination]
         batch: list[Entry] = []
         size = 0
-        limit = self.max_items if destination[0] == Kind.ASSIGN else max(self.max_items, 500)
+        # Anything but assignments is cut by bytes: at a few hundred items a message, a 10,000-task burst
+        # waited for twenty confirms in a row before the intake behind it (other keys' tasks) was read.
+        limit = self.max_items if destination[0] == Kind.ASSIGN else max(self.max_items, 5000)
         while queue.entries and len(batch) < limit:
             entry = queue.entries[0]
             if batch and size + entry.size > self.max_bytes:

@@ -146,6 +146,7 @@ class Session:
         except DecodeError:
             self._spawn(self._bury_raw(message, "task message does not decode"))
             return
+        _decoded(message)
         delivery = amqp.Delivery(message, len(batch.tasks))
         if delivery.pending == 0:
             self._spawn(_settle(message))
@@ -166,6 +167,7 @@ class Session:
         except DecodeError:
             self._spawn(self._bury_raw(message, "requeued message does not decode"))
             return
+        _decoded(message)
         delivery = amqp.Delivery(message, len(batch.assignments))
         if delivery.pending == 0:
             self._spawn(_settle(message))
@@ -186,6 +188,7 @@ class Session:
         except DecodeError:
             self._spawn(self._bury_raw(message, "parked message does not decode"))
             return
+        _decoded(message)
         delivery = amqp.Delivery(message, len(batch.items))
         if delivery.pending == 0:
             self._spawn(_settle(message))
@@ -377,6 +380,12 @@ async def _settle(message: AbstractIncomingMessage) -> None:
         await message.ack()
     except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
         log.debug("could not ack %s (the broker redelivers it): %s", message.message_id, err)
+
+
+def _decoded(message: AbstractIncomingMessage) -> None:
+    """Its body is decoded: drop the raw bytes, so that a task waiting for its fate is held once, not twice."""
+    if isinstance(message, aio_pika.IncomingMessage):
+        message.body = b""
 
 
 def _x_death_reason(message: AbstractIncomingMessage) -> Reason | None:
