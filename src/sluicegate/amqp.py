@@ -8,7 +8,7 @@ import logging
 import random
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,6 +19,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -132,6 +133,11 @@ class Topology:
     def scheduler_state_queue(self, instance_id: str) -> str:
         return f"{self.prefix}.scheduler.state.{instance_id}"
 
+    @property
+    def cancels(self) -> str:
+        """The stream of cancellations every scheduler and dispatcher replays when it starts."""
+        return f"{self.prefix}.cancels"
+
     def results_queue(self, client_id: str) -> str:
         return f"{self.prefix}.results.{client_id}"
 
@@ -233,6 +239,7 @@ class Exchanges:
         await declare_bound_queue(channel, self.unrouted, t.tasks, sac, restore=False)
         await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
         await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
+        await declare_cancels(channel, t)
         return self
 
 
@@ -244,6 +251,53 @@ async def declare_lifecycle_queue(channel: AbstractChannel, topology: Topology) 
     """
     events = await declare_exchange(channel, topology.events, aio_pika.ExchangeType.TOPIC)
     return await declare_bound_queue(channel, events, topology.lifecycle, quorum(), routing_key="lifecycle.#")
+
+
+CANCELS_RETENTION = "7D"  # a cancellation is remembered this long (the stream's x-max-age)
+
+
+async def declare_cancels(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The cancellations stream: durable, replayable from its start by whoever (re)starts."""
+    return await channel.declare_queue(
+        topology.cancels,
+        durable=True,
+        arguments={"x-queue-type": "stream", "x-max-age": CANCELS_RETENTION},
+    )
+
+
+async def follow_cancels(
+    connection: AbstractRobustConnection | AbstractConnection,
+    topology: Topology,
+    on_cancels: Callable[[list[Any]], None],
+    catch_up: float = 10.0,
+) -> None:
+    """Read every cancellation the stream still holds, then each new one as it comes (until cancelled).
+
+    Returns once what the stream held when it was called has been read (a marker of its own written
+    to its end has come back), or after `catch_up` seconds: whoever then takes work knows every
+    cancellation made before it started.
+    """
+    from sluicegate.v1 import messages_pb2
+
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
+    queue = await declare_cancels(channel, topology)
+    marker, caught_up = f"catch-up-{uuid.uuid4().hex}", asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        if message.message_id == marker:
+            caught_up.set()
+        with contextlib.suppress(Exception):
+            on_cancels(list(messages_pb2.CancelBatch.FromString(message.body).cancels))
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+    await channel.default_exchange.publish(aio_pika.Message(b"", message_id=marker), routing_key=topology.cancels)
+    try:
+        await asyncio.wait_for(caught_up.wait(), catch_up)
+    except TimeoutError:
+        log.warning("the cancellations stream was not read to its end within %.0f s; going on", catch_up)
 
 
 def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> dict[str, Any]:
@@ -479,7 +533,7 @@ async def delete_topology(connection: AbstractRobustConnection, topology: Topolo
     queues = await recorded_queues(connection, topology)
     channel = await connection.channel()
     queues += [topology.tasks, topology.requeue, topology.dead, topology.due, topology.registry, topology.leader]
-    queues += [topology.lifecycle, *(topology.delay(ms) for ms in DELAY_RUNGS_MS)]
+    queues += [topology.lifecycle, topology.cancels, *(topology.delay(ms) for ms in DELAY_RUNGS_MS)]
     queues += [topology.inbox(d) for d in dispatcher_ids] + [topology.control_queue(d) for d in dispatcher_ids]
     for name in queues:
         try:

@@ -1,4 +1,4 @@
-"""The task store's commands: `migrate`, `recorder`, `result TASK_ID` and `tasks`."""
+"""The task store's commands: `migrate`, `recorder`, `result TASK_ID`, `tasks` and `cancel TASK_ID`."""
 
 from __future__ import annotations
 
@@ -114,6 +114,35 @@ async def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    from sluicegate.client import Client
+    from sluicegate.v1 import messages_pb2
+
+    check_task_id(args.task_id)
+    if len(args.reason) > 500:
+        raise InvalidInput("--reason must hold at most 500 characters")
+    timeout = _number(args.timeout, "--timeout", float)
+    if timeout is not None and not 0 < timeout < 1e9:
+        raise InvalidInput("--timeout must be more than zero seconds")
+    store = load(StoreSettings)
+    if args.wait and not store.configured:
+        raise InvalidInput("--wait needs the task store: set SLUICEGATE_STORE_URL")
+    async with Client(_broker(args), store=store) as client:
+        result = await client.cancel(args.task_id, args.reason, timeout=timeout or 30.0, wait=args.wait)
+        if not args.wait:
+            print(f"cancellation of task {args.task_id} recorded")
+            return 0
+    if result is None:
+        print(f"sluicegate: task {args.task_id} did not end within {timeout or 30.0:g}s", file=sys.stderr)
+        return 1
+    status = messages_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
+    if result.status == messages_pb2.TASK_STATUS_CANCELLED:
+        print(f"task {args.task_id} cancelled: {result.error}")
+        return 0
+    print(f"sluicegate: task {args.task_id} had already ended: {status}", file=sys.stderr)
+    return 1
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("migrate", help="bring the task store's schema up to date and declare the recorder's queue")
     p.set_defaults(run=cmd_migrate)
@@ -137,3 +166,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--limit", default="50", help=f"at most this many (1 to {MAX_LIMIT}; default 50)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON array")
     p.set_defaults(run=cmd_tasks)
+
+    p = commands.add_parser(
+        "cancel",
+        help="cancel a task wherever it is: waiting, delayed, queued or running (a running handler is stopped)",
+    )
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--reason", default="cancelled by an operator", help="why, as the task's result will say")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the task has ended (needs the task store); exit 1 unless it ended cancelled",
+    )
+    p.add_argument("--timeout", help="seconds to wait with --wait (default 30)")
+    p.set_defaults(run=cmd_cancel)

@@ -125,6 +125,7 @@ class Client:
         self.broker = broker or BrokerSettings()
         self.store_settings = store if store is not None else load(StoreSettings)
         self._store: TaskStore | None = None
+        self._consumer_tag: str | None = None
         self._submitted: set[str] = set()
         self.topology = amqp.Topology(self.broker.prefix)
         self.client_id = uuid.uuid4().hex
@@ -135,6 +136,7 @@ class Client:
         self._waiters: dict[str, asyncio.Future[TaskResult]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._tasks: AbstractExchange | None = None
+        self._default: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
         self._batcher = GroupCommit(self._publish_batch, max_items=100, max_bytes=BATCH_BYTES, size=_task_size)
 
@@ -152,6 +154,7 @@ class Client:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await amqp.Exchanges(self.topology).declare(channel)
         self._tasks = exchanges.tasks
+        self._default = channel.default_exchange
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=1000)
         # Durable and not exclusive, so results published while the connection is being restored
@@ -164,7 +167,7 @@ class Client:
             arguments=amqp.quorum(**{"x-expires": RESULTS_QUEUE_EXPIRES_MS}),
         )
         await self._queue.bind(self.topology.events, routing_key=self.topology.result_key(self.client_id))
-        await self._queue.consume(self._on_result)
+        self._consumer_tag = await self._queue.consume(self._on_result)
 
     async def close(self) -> None:
         await self._batcher.close()
@@ -173,7 +176,12 @@ class Client:
             self._store = None
         if self._queue is not None:
             with contextlib.suppress(Exception):
+                if (
+                    self._consumer_tag is not None
+                ):  # stop consuming first: a deleted queue's consumer is cancelled noisily
+                    await self._queue.cancel(self._consumer_tag)
                 await self._queue.delete(if_unused=False, if_empty=False)
+            self._consumer_tag = None
             self._queue = None
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -292,6 +300,36 @@ class Client:
         Raises InvalidInput without a store, StoreUnavailable when it cannot be reached.
         """
         return await self.store.get(task_id)
+
+    async def cancel(
+        self, task_id: str, reason: str = "", *, timeout: float | None = 10.0, wait: bool = True
+    ) -> TaskResult | None:
+        """Cancel a task wherever it is, and return its terminal result.
+
+        A task waiting (in a lane, delayed, queued at a dispatcher) never runs; a running one is
+        stopped on its worker (its handler is cancelled). The result is CANCELLED, or what the task
+        ended as if it finished first ("it had already finished"). The cancellation is kept on a
+        durable stream, so restarts of schedulers and dispatchers forget none. Returns None when no
+        result is to be had within `timeout` (a task another client submitted, with no task store),
+        and at once with `wait=False`, when the cancellation is durably recorded.
+        """
+        if self._default is None:
+            raise RuntimeError("client is not connected")
+        if not task_id or len(task_id) > 128:
+            raise InvalidInput("task_id must hold 1 to 128 characters")
+        cancel = messages_pb2.Cancel(task_id=task_id, reason=reason[:500], at_ms=now_ms(), requested_by=self.client_id)
+        await amqp.publish_until_confirmed(
+            self._default,
+            self.topology.cancels,
+            messages_pb2.CancelBatch(cancels=[cancel]).SerializeToString(),
+            timeout=self.broker.confirm_timeout_s,
+        )
+        if wait and (task_id in self._results or task_id in self._submitted or self.store_settings.configured):
+            try:
+                return await self.result(task_id, timeout)
+            except TimeoutError:
+                return None
+        return None
 
     async def result(self, task_id: str, timeout: float | None = None, *, wait: bool = True) -> TaskResult:
         """The task's terminal result (completed, failed, dead, rejected, expired or cancelled).

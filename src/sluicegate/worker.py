@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
-from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from sluicegate import retry, telemetry
-from sluicegate.errors import InvalidInput, PermanentError
+from sluicegate.attempts import Attempts, Handler, TaskContext, WorkerStats
+from sluicegate.errors import InvalidInput
 from sluicegate.metrics import Snapshot, counter, gauge, labelled_counter
 from sluicegate.reporting import Backoff, Reporter, SessionLost
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import check_action, check_labels
-from sluicegate.wire import grpc_options, now_ms
+from sluicegate.wire import grpc_options
 from sluicegate.worker_settings import WorkerSettings
 
 __all__ = ["TaskContext", "Worker", "WorkerSettings"]
@@ -35,45 +32,6 @@ Event = worker_pb2.TaskEvent
 STREAM_ENDINGS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 Verdict = worker_pb2.EventVerdict
 Key = tuple[str, int]
-
-
-@dataclass(slots=True)
-class TaskContext:
-    """What a handler gets: the task's identity and payload."""
-
-    task_id: str
-    attempt: int
-    action: str
-    payload: bytes
-    tenant: str
-    worker_id: str
-
-    def json(self) -> Any:
-        return json.loads(self.payload) if self.payload else None
-
-
-Handler = Callable[[TaskContext], Awaitable[Any]]
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    received: int = 0
-    duplicates: int = 0
-    stale: int = 0
-    completed: int = 0
-    failed: int = 0
-    reconnects: int = 0
-    registrations: int = 0
-
-
-def _encode(output: Any) -> bytes:
-    if output is None:
-        return b""
-    if isinstance(output, bytes):
-        return output
-    if isinstance(output, str):
-        return output.encode()
-    return json.dumps(output).encode()
 
 
 class Worker:
@@ -105,10 +63,8 @@ class Worker:
         self.labels = {**self.settings.labels, **(labels or {})}  # the constructor's win over the settings'
         check_labels(self.labels)
         self.stats = WorkerStats()
-        self._handlers: dict[str, Handler] = {}
+        self.attempts = Attempts(worker_id, self.settings, self.stats)
         self._options: dict[str, messages_pb2.ActionOptions] = {}
-        self._seen: OrderedDict[Key, None] = OrderedDict()
-        self._running: dict[Key, asyncio.Task[None]] = {}
         self._reading = asyncio.Event()
         self._reading.set()
         self._stopping = asyncio.Event()
@@ -133,7 +89,7 @@ class Worker:
                 counter("sluicegate_worker_duplicates", "Duplicate assignments dropped.", s.duplicates),
                 counter("sluicegate_worker_stale", "Attempts dropped because they were superseded.", s.stale),
                 counter("sluicegate_worker_reconnects", "Streams or sessions opened again.", s.reconnects),
-                gauge("sluicegate_worker_running", "Handlers running now.", len(self._running)),
+                gauge("sluicegate_worker_running", "Handlers running now.", len(self.attempts.running)),
             ]
 
         registry.register(Snapshot(snapshot))
@@ -169,7 +125,7 @@ class Worker:
         """
         check_action(name)
         options = retry.action_options(name, max_retries, backoff)
-        self._handlers[name] = handler
+        self.attempts.handlers[name] = handler
         if options.ListFields():
             self._options[name] = options
         else:
@@ -202,7 +158,7 @@ class Worker:
 
     async def run(self) -> None:
         """Register and serve until stop(); reconnects with backoff and jitter."""
-        if not self._handlers:
+        if not self.attempts.handlers:
             raise InvalidInput("register at least one action before running the worker")
         backoff = Backoff(cap=self.settings.reconnect_max_backoff.total_seconds())
         while not self._stopping.is_set():
@@ -232,14 +188,14 @@ class Worker:
                 worker_pb2.RegisterRequest(
                     worker_id=self.worker_id,
                     tenant=s.tenant,
-                    actions=sorted(self._handlers),
+                    actions=sorted(self.attempts.handlers),
                     slots=s.slots,
                     labels=self.labels,
                     action_options=self._options,
                 ),
                 timeout=10,
             )
-            self.worker_id = reply.worker_id
+            self.worker_id = self.attempts.worker_id = reply.worker_id
             self.stats.registrations += 1
             interval = reply.heartbeat_interval_ms / 1000 or s.heartbeat_interval.total_seconds()
             reporter = Reporter(s.max_payload_bytes, interval)
@@ -255,7 +211,7 @@ class Worker:
                 pass
             finally:
                 reporter.fail_all()
-                for task in list(self._running.values()):
+                for task in list(self.attempts.running.values()):
                     task.cancel()
 
     async def _until_stopped(self) -> None:
@@ -263,8 +219,8 @@ class Worker:
         await self._stopping.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace.total_seconds()
-        while self._running and loop.time() < deadline:
-            await asyncio.wait(list(self._running.values()), timeout=deadline - loop.time())
+        while self.attempts.running and loop.time() < deadline:
+            await asyncio.wait(list(self.attempts.running.values()), timeout=deadline - loop.time())
         raise _Stopped
 
     async def _session(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:
@@ -321,85 +277,10 @@ class Worker:
         for control in message.controls:
             if control.kind == worker_pb2.Control.KIND_RECONNECT:
                 raise SessionLost(control.reason or "dispatcher asked to reconnect")
-            running = self._running.get((control.task_id, control.attempt))
-            if control.kind == worker_pb2.Control.KIND_CANCEL and running is not None:
-                running.cancel()
+            if control.kind == worker_pb2.Control.KIND_CANCEL:
+                self.attempts.stop((control.task_id, control.attempt), control.reason)
         for assignment in message.assignments:
-            self._accept(assignment, reporter)
-
-    def _accept(self, assignment: messages_pb2.Assignment, reporter: Reporter) -> None:
-        key = (assignment.task.task_id, assignment.attempt)
-        if key in self._seen:
-            self.stats.duplicates += 1
-            return
-        self._seen[key] = None
-        if len(self._seen) > 100_000:
-            self._seen.popitem(last=False)
-        self.stats.received += 1
-        # Not in the session's task group: on a graceful stop, handlers outlive the stream.
-        task = asyncio.create_task(self._run_one(assignment, reporter))
-        self._running[key] = task
-        task.add_done_callback(lambda _: self._running.pop(key, None))
-
-    async def _run_one(self, assignment: messages_pb2.Assignment, reporter: Reporter) -> None:
-        task = assignment.task
-        span = telemetry.start(
-            f"run {task.action}",
-            assignment.trace,
-            kind=SpanKind.CONSUMER,
-            attributes=telemetry.task_attributes(
-                task.task_id,
-                assignment.attempt,
-                **{"sluicegate.worker.id": self.worker_id, "messaging.operation.type": "process"},
-            ),
-        )
-        try:
-            await self._run_traced(assignment, reporter, span)
-        finally:
-            span.end()
-
-    async def _run_traced(self, assignment: messages_pb2.Assignment, reporter: Reporter, span: Any) -> None:
-        task = assignment.task
-        received = Event(task_id=task.task_id, attempt=assignment.attempt, kind=Event.KIND_RECEIVED, at_ms=now_ms())
-        if await reporter.report(received) != Verdict.VERDICT_ACCEPTED:
-            self.stats.stale += 1  # superseded before we started: another worker has it
-            telemetry.fail(span, "attempt superseded before it started")
-            return
-        final = Event(task_id=task.task_id, attempt=assignment.attempt)
-        handler = self._handlers.get(task.action)
-        context = TaskContext(
-            task_id=task.task_id,
-            attempt=assignment.attempt,
-            action=task.action,
-            payload=task.payload,
-            tenant=task.tenant,
-            worker_id=self.worker_id,
-        )
-        try:
-            if handler is None:
-                raise PermanentError(f"this worker has no handler for {task.action!r}")
-            async with asyncio.timeout(task.timeout_ms / 1000 if task.timeout_ms else None):
-                output = await handler(context)
-            encoded = _encode(output)
-            if len(encoded) > self.settings.max_payload_bytes:
-                raise PermanentError(f"output is {len(encoded)} bytes; the limit is {self.settings.max_payload_bytes}")
-            final.kind, final.output = Event.KIND_COMPLETED, encoded
-        except TimeoutError:
-            final.kind, final.error, final.retryable = Event.KIND_FAILED, f"timed out after {task.timeout_ms} ms", True
-        except PermanentError as err:
-            final.kind, final.error, final.retryable = Event.KIND_FAILED, str(err), False
-        except Exception as err:
-            final.kind, final.error, final.retryable = Event.KIND_FAILED, f"{type(err).__name__}: {err}", True
-        final.at_ms = now_ms()
-        if final.kind == Event.KIND_FAILED:
-            telemetry.fail(span, final.error[:200])
-        verdict = await reporter.report(final)
-        if verdict != Verdict.VERDICT_ACCEPTED:
-            self.stats.stale += 1
-        elif final.kind == Event.KIND_COMPLETED:
-            self.stats.completed += 1
-        else:
-            self.stats.failed += 1
+            self.attempts.accept(assignment, reporter)
 
 
 class _Stopped(Exception):

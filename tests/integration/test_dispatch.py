@@ -7,6 +7,7 @@ from typing import Any
 
 import aio_pika
 
+from sluicegate.attempts import Attempts
 from sluicegate.client import TaskSpec
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
@@ -70,17 +71,18 @@ async def test_task_waits_for_a_worker_that_serves_its_action(stack: Stack) -> N
     assert result.worker_id == "shouter"
 
 
-class NeverAcknowledges(Worker):
+class NeverAcknowledges(Attempts):
     """Reads its stream and stays connected, but never acknowledges an assignment."""
 
-    def _accept(self, assignment: messages_pb2.Assignment, reporter: Any) -> None:
+    def accept(self, assignment: messages_pb2.Assignment, reporter: Any) -> None:
         self.stats.received += 1
 
 
 async def test_undeliverable_task_ends_in_dead_with_every_reason(stack: Stack) -> None:
     scheduler = await stack.start_scheduler(max_dispatch_attempts=3)
     dispatcher = await stack.start_dispatcher(ack_timeout="300ms")
-    deaf = NeverAcknowledges(f"127.0.0.1:{dispatcher.port}", slots=2, worker_id="deaf")
+    deaf = Worker(f"127.0.0.1:{dispatcher.port}", slots=2, worker_id="deaf")
+    deaf.attempts = NeverAcknowledges(deaf.worker_id, deaf.settings, deaf.stats)
     deaf.register("echo", _echo)
     await stack.start_worker(dispatcher, "deaf", worker=deaf)  # every attempt times out unacknowledged
     await stack.wait_workers_known(1)
@@ -164,7 +166,7 @@ async def test_a_copy_of_an_assignment_is_counted_as_consumed_so_the_schedulers_
     assignment again. The dispatcher settles the copy at once; it must still count it as consumed for
     the session, or the scheduler, which counted the publish, sees it in transit and the slot full forever."""
     scheduler = await stack.start_scheduler()
-    dispatcher = await stack.start_dispatcher()
+    dispatcher = await stack.start_dispatcher(worker_prefetch=0)  # a free slot is a free slot on the worker
     release = asyncio.Event()
     ran: list[str] = []
     worker = Worker(f"127.0.0.1:{dispatcher.port}", slots=1, worker_id="one")
@@ -181,7 +183,7 @@ async def test_a_copy_of_an_assignment_is_counted_as_consumed_so_the_schedulers_
     task_id = await client.submit("hold", b"")
     await eventually(lambda: ran == [task_id])
     (view,) = list(scheduler.pool)
-    assert view.free == 0
+    await eventually(lambda: view.free == 0)  # once the dispatcher's state after the lease has come
 
     # The same attempt published again, as the scheduler that placed it twice counted it.
     (session,) = list(dispatcher.sessions)

@@ -144,7 +144,7 @@ async def test_g_retries_wait_their_backoff_and_a_restart_does_not_hurry_them(st
 
 async def test_h_a_task_not_started_in_time_expires_at_the_scheduler_and_never_runs(stack: Stack) -> None:
     scheduler = await stack.start_scheduler()
-    dispatcher = await stack.start_dispatcher()
+    dispatcher = await stack.start_dispatcher(worker_prefetch=0)  # nothing queues at the dispatcher
     recorder = Recorder()
     recorder.gate.clear()  # whatever starts holds its slot until the gate opens
     await stack.start_worker(dispatcher, "busy", worker=recorder.worker(stack.address(dispatcher), "busy", slots=1))
@@ -175,3 +175,28 @@ async def test_h_a_task_not_started_in_time_expires_at_the_scheduler_and_never_r
     assert recorder.order() == [running, patient], "neither expired task ever ran"
     await eventually(lambda: scheduler.waiting == 0)
     assert client.duplicates == 0
+
+
+async def test_h_a_task_queued_at_the_dispatcher_behind_a_busy_slot_expires_there_and_never_runs(stack: Stack) -> None:
+    """With a per-worker prefetch, a task can wait in its worker's queue at the dispatcher rather than
+    in its lane. Its start deadline holds there too: it must not wait for the slot for ever."""
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher(worker_prefetch=1)
+    recorder = Recorder()
+    recorder.gate.clear()
+    await stack.start_worker(dispatcher, "busy", worker=recorder.worker(stack.address(dispatcher), "busy", slots=1))
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+
+    running = await client.submit("work", b"")
+    await eventually(lambda: len(recorder.starts) == 1, timeout=10)
+    behind = await client.submit("work", b"", schedule_timeout=1.0)  # queued for the busy worker's slot
+    result = await client.result(behind, timeout=10)
+    assert result.status == EXPIRED
+    assert "not started within 1000 ms of submission" in result.error
+    assert 1000 <= result.finished_at_ms - result.submitted_at_ms < 3000
+    assert (dispatcher.stats.expired, scheduler.stats.expired) == (1, 0), "the dispatcher expired it"
+    recorder.gate.set()
+    assert (await client.result(running, timeout=10)).status == COMPLETED
+    await asyncio.sleep(0.5)
+    assert recorder.order() == [running], "the expired task never ran"

@@ -13,7 +13,7 @@ from sluicegate.store import StoreSettings, TaskRecord, TaskState
 from sluicegate.v1 import messages_pb2
 
 from .conftest import Stack, eventually
-from .store_helpers import migrate, recorder
+from .store_helpers import migrate, recorder, run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -121,3 +121,49 @@ async def test_without_a_store_the_pipeline_works_as_before(stack: Stack) -> Non
     await eventually(lambda: dispatcher.lifecycle.unrecorded > 0, timeout=5)
     assert dispatcher.lifecycle.published == 0
     assert not dispatcher.lifecycle.wanted
+
+
+async def test_an_operator_cancels_a_running_task_from_the_cli(
+    stack: Stack, store: StoreSettings, recording: None
+) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    await stack.start_worker(dispatcher, "w1")
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+    long = await client.submit("sleep", {"seconds": 60})
+    done = await client.submit("echo", "quick")
+    assert (await client.result(done, timeout=20)).status == COMPLETED
+    await eventually(lambda: dispatcher.sessions.leases == 1)  # the long one runs
+    env = {"SLUICEGATE_STORE_URL": store.dsn}
+    cli = ("--prefix", stack.broker.prefix, "cancel")
+
+    code, out, err = await run_cli(*cli, long, "--wait", "--reason", "operator says stop", env=env)
+    assert code == 0, err
+    assert out.strip() == f"task {long} cancelled: operator says stop"
+    result = await client.result(long, timeout=10)
+    assert result.status == messages_pb2.TASK_STATUS_CANCELLED
+    await eventually(lambda: dispatcher.sessions.leases == 0)  # its slot is free again
+
+    code, _, err = await run_cli(*cli, done, "--wait", "--timeout", "10", env=env)
+    assert code == 1
+    assert err.strip() == f"sluicegate: task {done} had already ended: completed"
+
+    code, out, _ = await run_cli(*cli, "nobody-knows-this-one", env=env)  # recorded, not waited for
+    assert code == 0
+    assert "recorded" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("cancel", "not a task id"), "a task id holds"),
+        (("cancel", "t1", "--wait"), "--wait needs the task store"),
+        (("cancel", "t1", "--wait", "--timeout", "-1"), "--timeout must be more than zero"),
+    ],
+)
+async def test_bad_cancel_input_is_one_line_and_exit_2(args: tuple[str, ...], complaint: str) -> None:
+    code, _, err = await run_cli(*args, env={"SLUICEGATE_STORE_URL": ""})
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert complaint in err

@@ -328,3 +328,18 @@ def test_forget() -> None:
     pool.forget("never-seen")
     assert len(pool) == 0
     assert picked_id(pool) is None
+
+
+def test_an_idle_slot_beats_room_that_only_queues_behind_busy_slots_even_when_preferred() -> None:
+    # "gpu" has every slot busy and room only in its queue at the dispatcher; "cpu" idles.
+    queued_only = WorkerReport("gpu", "s-gpu", "acme", ("resize",), {"gpu": "a100"}, 4, 2, True, 0, prefetch=2)
+    pool = pool_of(queued_only, report("cpu", slots=4))
+    w = pool.pick("acme", "resize", {}, preferred=[("gpu", "a100", 5)])
+    assert w is not None
+    assert w.worker_id == "cpu"
+    # With no idle slot anywhere, the queue room still takes it, preferred first.
+    busy = report("cpu", slots=4, free=0)
+    pool = pool_of(queued_only, busy)
+    w = pool.pick("acme", "resize", {}, preferred=[("gpu", "a100", 5)])
+    assert w is not None
+    assert w.worker_id == "gpu"

@@ -94,6 +94,8 @@ class Dispatcher:
             dispatcher_id=s.id,
             clock=clock,
             spawn=self._spawn,
+            run_grace=s.run_grace.total_seconds(),
+            cancel_grace=s.cancel_grace.total_seconds(),
         )
         self.reaper = Reaper(
             sessions=self.sessions,
@@ -102,6 +104,7 @@ class Dispatcher:
             heartbeat_timeout=s.heartbeat_timeout.total_seconds(),
             reconnect_grace=s.reconnect_grace.total_seconds(),
             clock=clock,
+            sweep=self.reports.sweep,
         )
         self.state = StatePublisher(
             sessions=self.sessions,
@@ -192,6 +195,8 @@ class Dispatcher:
         await self._server.start()
         self._runner = asyncio.create_task(self._supervise(), name="dispatcher")
         await self._started.wait()
+        # Every cancellation still on the stream first (a restart forgets none), then each new one.
+        await amqp.follow_cancels(self._connection, self.topology, self.reports.on_cancels)
         self._consumer_tag = await self._inbox.consume(self.forwarder.on_message)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

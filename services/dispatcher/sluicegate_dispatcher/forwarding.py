@@ -115,6 +115,11 @@ class Forwarder:
                 await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
                 continue
             self.sessions.count_received(assignment.worker_id, assignment.session_id)
+            cancelled = self.sessions.cancelled.get(assignment.task.task_id)
+            if cancelled is not None:
+                self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
+                await self.settler.cancel_unsent(assignment, delivery, cancelled)  # never sent
+                continue
             if is_expired(assignment.task, now_ms()):
                 self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.expire(assignment, delivery)  # too late to start: never sent

@@ -1,5 +1,5 @@
-"""The dispatcher's housekeeping loops: losing silent workers, catching unacknowledged receipts, telling
-the scheduler about its workers."""
+"""The dispatcher's housekeeping loops: losing silent workers, catching unacknowledged receipts and
+attempts out of time, telling the scheduler about its workers."""
 
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ class Reaper:
         heartbeat_timeout: float,
         reconnect_grace: float,
         clock: Callable[[], float],
+        sweep: Callable[[], None] = lambda: None,
         every: float = 0.05,
     ) -> None:
         self.sessions, self.settler, self.stats = sessions, settler, stats
+        self._sweep = sweep  # cancellations past their grace, attempts past their run deadline
         self.heartbeat_timeout, self.reconnect_grace = heartbeat_timeout, reconnect_grace
         self.clock, self.every = clock, every
 
@@ -46,6 +48,7 @@ class Reaper:
             await self.sweep()
 
     async def sweep(self) -> None:
+        self._sweep()
         now = self.clock()
         for session in self.sessions.lost(
             now, heartbeat_timeout=self.heartbeat_timeout, reconnect_grace=self.reconnect_grace
@@ -150,4 +153,5 @@ def _worker_state(session: WorkerSession, draining: bool) -> messages_pb2.Worker
         free_slots=session.free_slots,
         ready=session.ready and not draining,
         received=session.received,
+        prefetch=session.prefetch,
     )

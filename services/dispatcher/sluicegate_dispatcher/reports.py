@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 Event = worker_pb2.TaskEvent
 Verdict = worker_pb2.EventVerdict
-TERMINAL = (Event.KIND_COMPLETED, Event.KIND_FAILED)
+TERMINAL = (Event.KIND_COMPLETED, Event.KIND_FAILED, Event.KIND_CANCELLED)
 RECEIPTS = (Event.KIND_RECEIVED, Event.KIND_STARTED)
+MAX_EXTEND = 24 * 3600.0  # one progress report extends a deadline by at most a day
 
 
 class Fate(Enum):
@@ -59,9 +60,12 @@ class Reports:
         dispatcher_id: str,
         clock: Callable[[], float],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        run_grace: float = 5.0,
+        cancel_grace: float = 5.0,
     ) -> None:
         self.sessions, self.settler, self.stats, self.metrics = sessions, settler, stats, metrics
         self.lifecycle, self.dispatcher_id, self.clock, self.spawn = emitter, dispatcher_id, clock, spawn
+        self.run_grace, self.cancel_grace = run_grace, cancel_grace
 
     def on_events(self, session: WorkerSession, events: Sequence[worker_pb2.TaskEvent]) -> list[Verdict]:
         """The verdicts that can be given now; those of finished attempts follow once they are settled."""
@@ -81,7 +85,7 @@ class Reports:
         event: worker_pb2.TaskEvent,
         finished: list[tuple[Lease, worker_pb2.TaskEvent]],
     ) -> Verdict.Verdict.ValueType | None:
-        if not event.task_id or event.attempt < 1 or event.kind not in (*RECEIPTS, *TERMINAL):
+        if not event.task_id or event.attempt < 1 or event.kind not in (*RECEIPTS, *TERMINAL, Event.KIND_PROGRESS):
             return Verdict.VERDICT_INVALID
         key = (event.task_id, event.attempt)
         lease = self.sessions.holder(key, session)
@@ -95,8 +99,14 @@ class Reports:
             return None if event.kind in TERMINAL else Verdict.VERDICT_STALE
         if event.kind in RECEIPTS:
             return self._receipt(session, lease)
+        if event.kind == Event.KIND_PROGRESS:
+            self.sessions.extend(lease, min(MAX_EXTEND, event.extend_ms / 1000) + self.run_grace, self.clock())
+            return Verdict.VERDICT_ACCEPTED
         self.sessions.acknowledge(lease)
         self.sessions.finishing(lease)
+        if event.kind == Event.KIND_CANCELLED:
+            self.spawn(self._cancelled(lease, lease.cancelling or event.error or "cancelled on the worker", event))
+            return None
         task = lease.payload.task
         policy = effective_policy(task, session.action_options.get(task.action))
         if fate_of(event, lease.payload.run_failures, policy) is Fate.FINISH:
@@ -106,11 +116,16 @@ class Reports:
         return None
 
     def _receipt(self, session: WorkerSession, lease: Lease) -> Verdict.Verdict.ValueType:
+        if lease.cancelling and not lease.received:
+            return Verdict.VERDICT_STALE  # cancelled before it started: the worker drops it
         if not lease.received and is_expired(lease.payload.task, now_ms()):
             self.sessions.finishing(lease)  # too late to start: the worker drops it, the client hears EXPIRED
             self.spawn(self.settler.expire_lease(lease))
             return Verdict.VERDICT_STALE
         if self.sessions.acknowledge(lease):
+            timeout_ms = lease.payload.task.timeout_ms
+            if timeout_ms:  # enforced here, whatever the worker does: its own timeout, then a grace
+                self.sessions.started(lease, self.clock() + timeout_ms / 1000 + self.run_grace)
             self.metrics.receipt_ack.observe(max(0.0, self.clock() - lease.taken_at))
             if self.lifecycle.wanted:
                 self.lifecycle.emit(
@@ -122,6 +137,64 @@ class Reports:
                     )
                 )
         return Verdict.VERDICT_ACCEPTED
+
+    # Cancellations and deadlines.
+
+    def on_cancels(self, cancels: Sequence[Any]) -> None:
+        """Cancellations from the stream: what waits here ends at once, what runs is told to stop."""
+        now = self.clock()
+        for cancel in cancels:
+            for lease in self.sessions.cancel(cancel.task_id, cancel.reason):
+                if lease.finishing or lease.cancelling:
+                    continue
+                if not lease.forwarded:  # still queued here: never sent
+                    self.sessions.finishing(lease)
+                    self.spawn(self.settler.cancel_lease(lease, cancel.reason or "cancelled"))
+                else:
+                    self._stop(lease, cancel.reason or "cancelled", now)
+
+    def _stop(self, lease: Lease, reason: str, now: float) -> None:
+        """Tell the worker to stop the attempt; it is ended without the worker after the grace."""
+        self.sessions.stopping(lease, reason, now + self.cancel_grace)
+        stream = lease.session.stream
+        if stream is not None:
+            stream.tell([_control(lease, reason)])
+
+    def retell(self, session: WorkerSession) -> None:
+        """A worker came back on a new stream: it is told again what it must stop."""
+        controls = [_control(lease, lease.cancelling) for lease in session.leases.values() if lease.cancelling]
+        if controls and session.stream is not None:
+            session.stream.tell(controls)
+
+    def sweep(self) -> None:
+        """Queued attempts past their start deadline expire; past their grace, stopped attempts end
+        cancelled; past their run deadline, attempts fail."""
+        now = self.clock()
+        wall = now_ms()
+        for lease in self.sessions.expired_queued(lambda lease: is_expired(lease.payload.task, wall)):
+            self.spawn(self.settler.expire_lease(lease))  # queued behind busy slots past its start deadline
+        for lease in self.sessions.overdue_cancels(now):
+            self.sessions.finishing(lease)
+            self.spawn(self.settler.cancel_lease(lease, lease.cancelling))
+        for lease in self.sessions.overdue_runs(now):
+            task = lease.payload.task
+            error = f"timed out: not finished within {task.timeout_ms} ms (and a {self.run_grace:g} s grace)"
+            self.stats.timed_out += 1
+            stream = lease.session.stream
+            if stream is not None:
+                stream.tell([_control(lease, "out of time")])
+            # The worker may keep running it; whatever it reports later is stale.
+            event = Event(
+                task_id=task.task_id, attempt=lease.key[1], kind=Event.KIND_FAILED, error=error, retryable=True
+            )
+            self.sessions.acknowledge(lease)
+            self.sessions.finishing(lease)
+            policy = effective_policy(task, lease.session.action_options.get(task.action))
+            self.spawn(self._finish(lease, event, policy))
+
+    async def _cancelled(self, lease: Lease, reason: str, event: worker_pb2.TaskEvent) -> None:
+        await self.settler.cancel_lease(lease, reason)
+        _accepted([(lease, event)])
 
     async def _finish_all(self, finished: list[tuple[Lease, worker_pb2.TaskEvent]]) -> None:
         await self.settler.finish_many(finished)
@@ -136,6 +209,12 @@ class Reports:
                 await self.settler.bury_exhausted(lease, event.error)
             await self.settler.finish(lease, event)
         _accepted([(lease, event)])
+
+
+def _control(lease: Lease, reason: str) -> worker_pb2.Control:
+    return worker_pb2.Control(
+        kind=worker_pb2.Control.KIND_CANCEL, task_id=lease.key[0], attempt=lease.key[1], reason=reason
+    )
 
 
 def _accepted(finished: list[tuple[Lease, worker_pb2.TaskEvent]]) -> None:

@@ -164,6 +164,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if previous is not None:
             previous.end("replaced by a newer stream")
         self.forwarder.kick(session)  # what waited in its queue while it had no stream
+        self.reports.retell(session)  # what it must stop, told again on the new stream
         self._handle(session, stream, first)
         reader = asyncio.create_task(self._read(session, stream, context))
         ended = asyncio.create_task(stream.ended.wait())

@@ -37,6 +37,9 @@ class Lease:
     settled: bool = False
     order: tuple[int, int] = (0, 0)  # (-priority, arrival): its place in the session's queue
     span: Any = None  # the shell's dispatch span
+    run_deadline: float = float("inf")  # by when the worker must have finished it (timeout + grace)
+    cancelling: str = ""  # why the worker was told to stop it ("" while it was not)
+    cancel_deadline: float = float("inf")  # after this the dispatcher ends it without the worker
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +103,9 @@ class Sessions:
         self._remember_settled = remember_settled
         self._receipts: deque[Lease] = deque()  # leases in the order their receipt deadlines come
         self.version = 0  # bumps on every change the scheduler should hear about
+        self._runs: list[tuple[float, int, Lease]] = []  # (run deadline, arrival, lease): a heap
+        self._stopping: set[Lease] = set()  # leases whose worker was told to stop them
+        self.cancelled: OrderedDict[str, str] = OrderedDict()  # task id -> why (never to start)
         self.dirty: set[str] = set()  # sessions changed since the scheduler last heard
         self.gone: set[str] = set()  # sessions closed since the scheduler last heard
         self.on_change: Callable[[], None] = lambda: None  # the shell's wake-up for whoever publishes state
@@ -307,6 +313,19 @@ class Sessions:
             self.changed(session)
         return out
 
+    def expired_queued(self, expired: Callable[[Lease], bool]) -> list[Lease]:
+        """Queued leases past their start deadline, taken out of their queues (the caller settles them)."""
+        out: list[Lease] = []
+        for session in self._by_session.values():
+            if not session.queued:
+                continue
+            late = [lease for _, lease in session.queue if not lease.settled and expired(lease)]
+            if late:
+                session.queue = [entry for entry in session.queue if entry[1] not in late]
+                heapq.heapify(session.queue)
+                out.extend(late)
+        return out
+
     def holder(self, key: LeaseKey, session: WorkerSession) -> Lease | None:
         """The lease for `key` if `session` holds it."""
         lease = self._leases.get(key)
@@ -383,6 +402,45 @@ class Sessions:
     def unacknowledged(self, session: WorkerSession) -> list[Lease]:
         """Leases the worker has not acknowledged: sent without a receipt yet, or still queued here."""
         return [lease for lease in session.leases.values() if not lease.received]
+
+    # Run deadlines and cancellations.
+
+    def started(self, lease: Lease, deadline: float) -> None:
+        """The worker runs it from now: it must finish by `deadline` (or extend it)."""
+        lease.run_deadline = deadline
+        if deadline != float("inf"):
+            heapq.heappush(self._runs, (deadline, lease.order[1], lease))
+
+    def extend(self, lease: Lease, seconds: float, now: float) -> None:
+        """The handler said it needs longer: its deadline moves, never before what it was."""
+        if lease.run_deadline != float("inf") and now + seconds > lease.run_deadline:
+            self.started(lease, now + seconds)
+
+    def overdue_runs(self, now: float) -> list[Lease]:
+        """Held leases whose run deadline passed, each once."""
+        overdue = []
+        while self._runs and self._runs[0][0] <= now:
+            deadline, _, lease = heapq.heappop(self._runs)
+            if not lease.settled and not lease.finishing and lease.run_deadline == deadline:
+                overdue.append(lease)
+        return overdue
+
+    def cancel(self, task_id: str, reason: str) -> list[Lease]:
+        """Remember a cancellation; returns the leases of that task held here."""
+        self.cancelled[task_id] = reason or "cancelled"
+        while len(self.cancelled) > 1_000_000:
+            self.cancelled.popitem(last=False)
+        return [lease for key, lease in self._leases.items() if key[0] == task_id]
+
+    def stopping(self, lease: Lease, reason: str, deadline: float) -> None:
+        """The worker was told to stop the attempt; past `deadline` it is ended without the worker."""
+        lease.cancelling, lease.cancel_deadline = reason or "cancelled", deadline
+        self._stopping.add(lease)
+
+    def overdue_cancels(self, now: float) -> list[Lease]:
+        done = [lease for lease in self._stopping if lease.settled or lease.finishing]
+        self._stopping.difference_update(done)
+        return [lease for lease in self._stopping if now > lease.cancel_deadline]
 
     def overdue_receipts(self, now: float) -> list[Lease]:
         """Held leases whose receipt deadline passed unacknowledged (deadlines come in the order taken)."""

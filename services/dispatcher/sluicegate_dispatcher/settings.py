@@ -76,6 +76,14 @@ class DispatcherSettings(BaseSettings):
         default=timedelta(seconds=1), description="Worker state is republished at least this often."
     )
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
+    run_grace: PositiveDuration = Field(
+        default=timedelta(seconds=5),
+        description="A task with a timeout not finished within it and this grace is stopped and failed (or retried).",
+    )
+    cancel_grace: PositiveDuration = Field(
+        default=timedelta(seconds=5),
+        description="A worker told to stop a cancelled task has this long to say so; then it ends cancelled anyway.",
+    )
     drain_grace: PositiveDuration = Field(
         default=timedelta(seconds=10), description="How long a stopping dispatcher waits for running tasks."
     )

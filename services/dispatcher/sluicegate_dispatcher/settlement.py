@@ -246,6 +246,50 @@ class Settler:
         self.stats.expired += 1
         log.info("task %s expired: %s", task.task_id, result.error, extra=_about(assignment))
 
+    # Cancelled: by a client, before or while it ran.
+
+    async def cancel_unsent(self, assignment: messages_pb2.Assignment, delivery: Delivery, reason: str) -> None:
+        """An assignment of a cancelled task, never sent: its CANCELLED result, then count it settled."""
+        await self._publish_ended(assignment, messages_pb2.TASK_STATUS_CANCELLED, reason or "cancelled")
+        self.stats.cancelled += 1
+        await self.item_done(delivery)
+
+    async def cancel_lease(self, lease: Lease, reason: str) -> None:
+        """A leased attempt cancelled (its worker stopped it, or did not answer in time): CANCELLED, settled."""
+        await self._publish_ended(lease.payload, messages_pb2.TASK_STATUS_CANCELLED, reason or "cancelled")
+        self.stats.cancelled += 1
+        self.sessions.settle(lease.key, finished=True)
+        await self.item_done(lease.token)
+
+    async def _publish_ended(
+        self, assignment: messages_pb2.Assignment, status: messages_pb2.TaskStatus.ValueType, error: str
+    ) -> None:
+        task = assignment.task
+        history = [
+            *assignment.history,
+            messages_pb2.Requeue(
+                reason=Reason.CANCELLED.value, detail=error, worker_id=assignment.worker_id, attempt=assignment.attempt
+            ),
+        ]
+        result = messages_pb2.TaskResult(
+            task_id=task.task_id,
+            status=status,
+            error=error,
+            attempt=assignment.attempt,
+            worker_id=assignment.worker_id,
+            submitted_at_ms=task.submitted_at_ms,
+            finished_at_ms=now_ms(),
+            history=history,
+            trace=assignment.trace,
+        )
+        try:
+            await self._results.put(task.reply_to, result)
+        except Unroutable:
+            self.stats.results_unclaimed += 1
+        if self.lifecycle.wanted:
+            self.lifecycle.emit(lifecycle.result_event(assignment, result))
+        log.info("task %s cancelled: %s", task.task_id, error, extra=_about(assignment))
+
     # Results.
 
     async def finish(self, lease: Lease, event: worker_pb2.TaskEvent) -> None:

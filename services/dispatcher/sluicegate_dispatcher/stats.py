@@ -19,3 +19,5 @@ class DispatcherStats:
     stale_reports: int = 0
     redeliveries: int = 0
     results_unclaimed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0

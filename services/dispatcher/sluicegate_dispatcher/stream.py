@@ -21,7 +21,7 @@ from sluicegate_dispatcher.lock import TimedLock
 class WorkerStream:
     """A worker's open stream; writes go through `send`, one at a time per permit, in arrival order."""
 
-    __slots__ = ("_context", "_flusher", "_on_stall", "_timeout", "_verdicts", "ended", "lock", "reason")
+    __slots__ = ("_context", "_controls", "_flusher", "_on_stall", "_timeout", "_verdicts", "ended", "lock", "reason")
 
     def __init__(
         self,
@@ -38,6 +38,7 @@ class WorkerStream:
         self._timeout = lock_timeout
         self._on_stall = on_stall  # called when a verdict flush could not get the lock in time
         self._verdicts: list[worker_pb2.EventVerdict] = []
+        self._controls: list[worker_pb2.Control] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def end(self, reason: str) -> None:
@@ -68,6 +69,9 @@ class WorkerStream:
         if self._verdicts:
             message.verdicts.extend(self._verdicts)
             self._verdicts = []
+        if self._controls:
+            message.controls.extend(self._controls)
+            self._controls = []
         try:
             await self._context.write(message)
         except asyncio.CancelledError:
@@ -80,18 +84,28 @@ class WorkerStream:
         if self.ended.is_set() or not verdicts:
             return
         self._verdicts.extend(verdicts)
+        self._kick()
+
+    def tell(self, controls: list[worker_pb2.Control]) -> None:
+        """Queue controls (cancel an attempt) the same way."""
+        if self.ended.is_set() or not controls:
+            return
+        self._controls.extend(controls)
+        self._kick()
+
+    def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        while self._verdicts and not self.ended.is_set():
+        while (self._verdicts or self._controls) and not self.ended.is_set():
             try:
                 await self.lock.acquire(self._timeout)
             except LockTimeout:
                 self._on_stall(self)
                 return
             try:
-                if self._verdicts:
+                if self._verdicts or self._controls:
                     await self._write(worker_pb2.ServerMessage())
             except StreamBroken:
                 self.end("stream write failed; reconnect")

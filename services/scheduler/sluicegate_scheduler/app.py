@@ -273,6 +273,7 @@ class Scheduler:
                 free_slots=w.free_slots,
                 ready=w.ready,
                 received=w.received,
+                prefetch=w.prefetch,
             )
             for w in state.workers
         ]

@@ -30,6 +30,7 @@ class WorkerView:
     reported_free: int
     reported_received: int
     ready: bool
+    prefetch: int = 0  # of reported_free, the room that only queues at the dispatcher behind busy slots
     sent: int = 0  # assignments this scheduler published to the session
     keyed: deque[tuple[int, KeyScope]] = field(default_factory=deque)  # (sent at, scope) not yet reported
 
@@ -64,6 +65,7 @@ class WorkerReport:
     free_slots: int
     ready: bool
     received: int
+    prefetch: int = 0  # of free_slots, how many only queue at the dispatcher
 
 
 @dataclass(slots=True)
@@ -144,6 +146,7 @@ class WorkerPool:
                     reported_free=w.free_slots,
                     reported_received=w.received,
                     ready=ready,
+                    prefetch=w.prefetch,
                     sent=w.received,
                 )
                 reshaped = True
@@ -151,7 +154,7 @@ class WorkerPool:
             reshaped |= current.ready != ready or current.tenant != w.tenant or current.actions != frozenset(w.actions)
             current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
             current.slots, current.reported_free, current.reported_received = w.slots, w.free_slots, w.received
-            current.ready = ready
+            current.ready, current.prefetch = ready, w.prefetch
             # Never below what the dispatcher consumed: a redelivered or re-published assignment
             # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
             current.sent = max(current.sent, w.received)
@@ -234,15 +237,16 @@ class WorkerPool:
         preferred: Sequence[Preference] = (),
         sticky: str = "",
     ) -> WorkerView | None:
-        """The eligible worker that matches the most preferred labels, then has the largest share of
-        free slots; ties go round-robin.
+        """The eligible worker with an idle slot (not just room in its queue at the dispatcher), then
+        the one that matches the most preferred labels, then the largest share of free slots; ties go
+        round-robin.
 
         A worker in `avoid` (it failed this task before) or cooling down is used only when no other
         can take it. With `sticky` naming a worker that takes this action, only that worker will do:
         None while it is full.
         """
         best: WorkerView | None = None
-        best_score = (-1, -1.0)
+        best_score = (False, -1, -1.0)
         fallback: WorkerView | None = None
         workers = self._lane(tenant, action)
         if sticky:
@@ -269,7 +273,8 @@ class WorkerPool:
             if (avoid and w.worker_id in avoid) or (cooling and cooling.get(w.worker_id, (0.0, 0))[0] > now):
                 fallback = fallback or w
                 continue
-            score = (w.preference(preferred) if preferred else 0, free / w.slots)  # free share spreads load
+            # An idle slot first: a task queued behind busy ones waits while another worker idles.
+            score = (free > w.prefetch, w.preference(preferred) if preferred else 0, free / w.slots)
             if score > best_score:
                 best, best_score = w, score
         return best or fallback

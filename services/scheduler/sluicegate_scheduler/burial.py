@@ -24,7 +24,8 @@ DEAD, REJECTED, EXPIRED = (
     messages_pb2.TASK_STATUS_REJECTED,
     messages_pb2.TASK_STATUS_EXPIRED,
 )
-SPAN_NAMES = {DEAD: "dead", REJECTED: "reject", EXPIRED: "expire"}
+CANCELLED = messages_pb2.TASK_STATUS_CANCELLED
+SPAN_NAMES = {DEAD: "dead", REJECTED: "reject", EXPIRED: "expire", CANCELLED: "cancel"}
 K = messages_pb2.LifecycleEvent
 
 
@@ -75,6 +76,31 @@ class Burial:
         else:
             self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, item, result.ByteSize(), extra=task))
 
+    def cancel(self, item: Pending, reason: str) -> None:
+        """A task cancelled before it ran: it ends `cancelled`, and never runs."""
+        task = self._trace(item, CANCELLED)
+        item.history.append(self._cancellation(attempt=item.attempt, reason=reason))
+        self.stats.cancelled += 1
+        result = self._result(task, CANCELLED, item.history, item.attempt)
+        if result is None:
+            self.ledger.buried(item.key)
+            self.done(item.source)
+        else:
+            result.error = reason or "cancelled"  # what the canceller said; the history keeps the rest
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, item, result.ByteSize(), extra=task))
+
+    def cancel_parked(self, task: messages_pb2.Task, attempt: int, reason: str) -> None:
+        """A task parked in a lane or on the ladder is cancelled: end it now; its copy is dropped later."""
+        self.ledger.buried((task.task_id, attempt))
+        self.stats.cancelled += 1
+        result = self._result(task, CANCELLED, [self._cancellation(attempt=attempt, reason=reason)], attempt)
+        if result is not None:
+            result.error = reason or "cancelled"
+            self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, None, result.ByteSize(), extra=task))
+
+    def _cancellation(self, *, attempt: int, reason: str) -> messages_pb2.Requeue:
+        return messages_pb2.Requeue(reason=Reason.CANCELLED.value, detail=reason, attempt=attempt, at_ms=self.wall())
+
     def expire_parked(self, task: messages_pb2.Task, attempt: int) -> None:
         """A task parked in a lane passed its deadline: end it now; its lane's copy is dropped later."""
         self.ledger.buried((task.task_id, attempt))
@@ -93,7 +119,12 @@ class Burial:
 
     def _record(self, result: messages_pb2.TaskResult, task: messages_pb2.Task) -> None:
         """The terminal event for the recorder, once the client's result (or the dead letter) is confirmed."""
-        kind = {DEAD: K.KIND_DEAD, REJECTED: K.KIND_REJECTED, EXPIRED: K.KIND_EXPIRED}.get(result.status)
+        kind = {
+            DEAD: K.KIND_DEAD,
+            REJECTED: K.KIND_REJECTED,
+            EXPIRED: K.KIND_EXPIRED,
+            CANCELLED: K.KIND_CANCELLED,
+        }.get(result.status)
         if kind is not None:
             event = lifecycle.task_event(
                 kind, task, attempt=result.attempt, error=result.error, at_ms=result.finished_at_ms or self.wall()

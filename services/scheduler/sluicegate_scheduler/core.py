@@ -90,7 +90,10 @@ class Core:
         self._timers: list[tuple[int, int, Pending]] = []  # (due ms, seq, item): last stretch of a delay
         self._timer_seq = 0
         self._held: dict[tuple[str, int], Pending] = {}
-        self._watched: OrderedDict[tuple[str, int], messages_pb2.Task] = OrderedDict()  # parked, with a deadline
+        # Parked items, by task id: (attempt, what a result needs of the task), to end one that expires
+        # or is cancelled while it waits in the broker. Bounded: past it, it ends when its lane gives it back.
+        self._parked_tasks: OrderedDict[str, tuple[int, messages_pb2.Task]] = OrderedDict()
+        self.cancelled: OrderedDict[str, str] = OrderedDict()  # task id -> why: never to run
         self.wake_at: float | None = None  # when a limit refills or a timer is due
         self._warned: set[tuple[str, str]] = set()  # (tenant, action) waiting for anyone to serve it
         self.delayed = 0
@@ -105,7 +108,7 @@ class Core:
             self.stats.received += 1
             item = Pending(task=task, source=source, origin=Origin.INTAKE, trace=dict(task.trace), size=task.ByteSize())
             self._fence(item, redelivered)
-            if self._seen(item):
+            if self._cancelled(item) or self._seen(item):
                 continue
             try:
                 check_task(task, self.config.max_payload_bytes)
@@ -158,6 +161,8 @@ class Core:
                 size=a.task.ByteSize(),
             )
             self._fence(item, redelivered)
+            if self._cancelled(item):
+                continue
             if self._seen(item):
                 self.stats.duplicate_requeues += 1
                 continue
@@ -197,7 +202,7 @@ class Core:
         for parked in items:
             item = from_parked(parked, source, origin)
             self._fence(item, redelivered)
-            if self._seen(item):
+            if self._cancelled(item) or self._seen(item):
                 continue
             if origin == Origin.LANE and lane is not None:
                 if self._expired(item):
@@ -205,6 +210,36 @@ class Core:
                 self._hold(item, lane)
             else:
                 self._admit(item)
+
+    # Cancellation.
+
+    def cancel(self, task_id: str, reason: str) -> None:
+        """A task is cancelled: end it now if it waits here, and never let a copy of it run later."""
+        if task_id in self.cancelled:
+            return
+        self.cancelled[task_id] = reason
+        while len(self.cancelled) > 1_000_000:
+            self.cancelled.popitem(last=False)
+        for item in [i for k, i in self._held.items() if k[0] == task_id]:
+            if item.holder is None and not any(t[2] is item for t in self._timers):
+                continue  # on its way to a dispatcher: the dispatcher ends it
+            self._timers = [t for t in self._timers if t[2] is not item]
+            heapq.heapify(self._timers)
+            self.unhold(item)
+            self.burial.cancel(item, reason)
+        parked = self._parked_tasks.pop(task_id, None)
+        if parked is not None and self.ledger.standing((task_id, parked[0])) is Standing.PARKED:
+            self.burial.cancel_parked(parked[1], parked[0], reason)
+
+    def _cancelled(self, item: Pending) -> bool:
+        reason = self.cancelled.get(item.task.task_id)
+        if reason is None:
+            return False
+        if self.ledger.standing(item.key) is Standing.BURIED:
+            self.done(item.source)  # ended already: this copy has nothing left to do
+        else:
+            self.burial.cancel(item, reason)
+        return True
 
     def _fence(self, item: Pending, redelivered: bool) -> None:
         """A redelivered message this scheduler knows nothing of may have been placed by a leader before it.
@@ -341,9 +376,10 @@ class Core:
                     self.unhold(item)
                     self.burial.expire(item)
             else:
-                task = self._watched.pop(key, None)
-                if task is not None:  # parked: its copy is dropped when its lane gives it back
-                    self.burial.expire_parked(task, key[1])
+                parked = self._parked_tasks.get(key[0])
+                if parked is not None and parked[0] == key[1]:  # its copy is dropped when its lane gives it back
+                    del self._parked_tasks[key[0]]
+                    self.burial.expire_parked(parked[1], key[1])
         deadline = self.ledger.next_deadline()
         if deadline is not None:
             self.wake(self.clock() + max(0, deadline - now) / 1000)
@@ -437,12 +473,15 @@ class Core:
             self.on_event(
                 lifecycle.task_event(K.KIND_WAITING, item.task, attempt=item.attempt - 1, reason=why, at_ms=self.wall())
             )
-        self.ledger.watch(item.key, item.deadline_ms)
-        if item.deadline_ms:
-            self._watched[item.key] = _without_payload(item.task)
-            while len(self._watched) > 200_000:
-                self._watched.popitem(last=False)
         self.done(item.source)
+        reason = self.cancelled.get(item.task.task_id)
+        if reason is not None:  # cancelled while its park was in flight: nothing else would end it now
+            self.burial.cancel_parked(_essentials(item.task), item.attempt, reason)
+            return
+        self.ledger.watch(item.key, item.deadline_ms)
+        self._parked_tasks[item.task.task_id] = (item.attempt, _essentials(item.task))
+        while len(self._parked_tasks) > 200_000:
+            self._parked_tasks.popitem(last=False)
 
     def failed(self, kind: Kind, destination: str, batch: list[Entry], *, unroutable: bool = False) -> None:
         """A publish was not confirmed. Assignments are placed again; everything else is sent again, first."""
@@ -505,3 +544,16 @@ def _without_payload(task: messages_pb2.Task) -> messages_pb2.Task:
     copy.CopyFrom(task)
     copy.ClearField("payload")
     return copy
+
+
+def _essentials(task: messages_pb2.Task) -> messages_pb2.Task:
+    """What ending a task that waits in the broker needs of it: whom to tell, and its trace."""
+    return messages_pb2.Task(
+        task_id=task.task_id,
+        tenant=task.tenant,
+        action=task.action,
+        reply_to=task.reply_to,
+        submitted_at_ms=task.submitted_at_ms,
+        schedule_timeout_ms=task.schedule_timeout_ms,
+        trace=task.trace,
+    )

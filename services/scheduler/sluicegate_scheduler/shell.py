@@ -94,6 +94,8 @@ class Session:
                     await self._consume_intake(record.tenant)
                 else:
                     self.core.book.add(LaneKey.of_record(record), found=True)
+            # Every cancellation still on the stream first, then each new one as it comes.
+            await amqp.follow_cancels(self.connection, t, self._on_cancels)
             await self._start_consumer(t.tasks, self.settings.intake_prefetch, self._on_shared_tasks)
             await self._start_consumer(t.requeue, self.settings.requeue_prefetch, self._on_requeue)
             await self._start_consumer(t.due, self.settings.requeue_prefetch, self._on_due)
@@ -157,6 +159,13 @@ class Session:
                     self._creating.add(tenant)
                     self._spawn(self._create_intake(tenant))
         self.core.take_tasks(batch.tasks, delivery, redelivered=bool(message.redelivered))
+        self.wake.set()
+
+    def _on_cancels(self, cancels: list[messages_pb2.Cancel]) -> None:
+        if not self.alive:
+            return
+        for cancel in cancels:
+            self.core.cancel(cancel.task_id, cancel.reason)
         self.wake.set()
 
     async def _on_requeue(self, message: AbstractIncomingMessage) -> None:

@@ -16,6 +16,7 @@ class SchedulerStats:
     dead: int = 0
     rejected: int = 0
     expired: int = 0
+    cancelled: int = 0
     duplicate_requeues: int = 0
     duplicate_tasks: int = 0
     unroutable_assignments: int = 0

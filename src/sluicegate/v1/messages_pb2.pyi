@@ -693,6 +693,59 @@ class LaneRecordBatch(_message.Message):
 Global___LaneRecordBatch: _TypeAlias = LaneRecordBatch  # noqa: Y015
 
 @_typing.final
+class Cancel(_message.Message):
+    """A request to cancel a task, kept on the `cancels` stream (replayed by every scheduler and
+    dispatcher when it starts, so a restart forgets no cancellation within the stream's retention).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    reason: _builtins.str
+    at_ms: _builtins.int
+    requested_by: _builtins.str
+    """the requesting client's id, for the records"""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at_ms: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "reason", b"reason", "requested_by", b"requested_by", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
+
+@_typing.final
+class CancelBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cancel]: ...
+    def __init__(
+        self,
+        *,
+        cancels: _abc.Iterable[Global___Cancel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatch: _TypeAlias = CancelBatch  # noqa: Y015
+
+@_typing.final
 class DeadLetter(_message.Message):
     """A task that exhausted its dispatch attempts, for operators."""
 
@@ -776,6 +829,7 @@ class WorkerState(_message.Message):
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     tenant: _builtins.str
@@ -785,6 +839,8 @@ class WorkerState(_message.Message):
     """streaming and accepting work"""
     received: _builtins.int
     """assignments for this session the dispatcher has consumed"""
+    prefetch: _builtins.int
+    """of free_slots, how many only queue at the dispatcher (not idle slots)"""
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -801,10 +857,11 @@ class WorkerState(_message.Message):
         free_slots: _builtins.int = ...,
         ready: _builtins.bool = ...,
         received: _builtins.int = ...,
+        prefetch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "prefetch", b"prefetch", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -141,14 +141,14 @@ class Control(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: Control._Kind.ValueType  # 0
         KIND_CANCEL: Control._Kind.ValueType  # 1
-        """stop running task_id / attempt"""
+        """stop running task_id / attempt (cancelled, or out of time); reason says which"""
         KIND_RECONNECT: Control._Kind.ValueType  # 2
         """this dispatcher is draining: register elsewhere"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Control.Kind.ValueType  # 0
     KIND_CANCEL: Control.Kind.ValueType  # 1
-    """stop running task_id / attempt"""
+    """stop running task_id / attempt (cancelled, or out of time); reason says which"""
     KIND_RECONNECT: Control.Kind.ValueType  # 2
     """this dispatcher is draining: register elsewhere"""
 
@@ -222,6 +222,10 @@ class TaskEvent(_message.Message):
         KIND_STARTED: TaskEvent._Kind.ValueType  # 2
         KIND_COMPLETED: TaskEvent._Kind.ValueType  # 3
         KIND_FAILED: TaskEvent._Kind.ValueType  # 4
+        KIND_CANCELLED: TaskEvent._Kind.ValueType  # 5
+        """the handler was cancelled as the dispatcher asked"""
+        KIND_PROGRESS: TaskEvent._Kind.ValueType  # 6
+        """still running: extend the attempt's run deadline by extend_ms"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: TaskEvent.Kind.ValueType  # 0
@@ -230,6 +234,10 @@ class TaskEvent(_message.Message):
     KIND_STARTED: TaskEvent.Kind.ValueType  # 2
     KIND_COMPLETED: TaskEvent.Kind.ValueType  # 3
     KIND_FAILED: TaskEvent.Kind.ValueType  # 4
+    KIND_CANCELLED: TaskEvent.Kind.ValueType  # 5
+    """the handler was cancelled as the dispatcher asked"""
+    KIND_PROGRESS: TaskEvent.Kind.ValueType  # 6
+    """still running: extend the attempt's run deadline by extend_ms"""
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
@@ -238,6 +246,7 @@ class TaskEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     AT_MS_FIELD_NUMBER: _builtins.int
+    EXTEND_MS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     attempt: _builtins.int
     kind: Global___TaskEvent.Kind.ValueType
@@ -248,6 +257,8 @@ class TaskEvent(_message.Message):
     retryable: _builtins.bool
     """FAILED: the task may run again if retries remain"""
     at_ms: _builtins.int
+    extend_ms: _builtins.int
+    """PROGRESS"""
     def __init__(
         self,
         *,
@@ -258,10 +269,11 @@ class TaskEvent(_message.Message):
         error: _builtins.str = ...,
         retryable: _builtins.bool = ...,
         at_ms: _builtins.int = ...,
+        extend_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "attempt", b"attempt", "error", b"error", "kind", b"kind", "output", b"output", "retryable", b"retryable", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "attempt", b"attempt", "error", b"error", "extend_ms", b"extend_ms", "kind", b"kind", "output", b"output", "retryable", b"retryable", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
