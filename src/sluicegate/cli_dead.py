@@ -187,7 +187,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     p = add_parser(commands, "dead", "list, show, replay or purge the tasks that ran out of attempts")
     sub = p.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
 
-    q = add_parser(sub, "list", "list the dead letters, oldest first (they stay where they are)")
+    q = add_parser(sub, "list", "list the dead letters in queue order (they stay where they are)")
     q.add_argument("--limit", help=f"read at most this many (default: {dead.MAX_READ})")
     q.add_argument("--json", action="store_true", help="print them as a JSON array (default: a table)")
     q.set_defaults(run=cmd_list)
