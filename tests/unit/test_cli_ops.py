@@ -158,3 +158,20 @@ def test_replayed_never_changes_a_finished_record_and_yields_to_submitted() -> N
     from sluicegate.store.records import STATE_OF_KIND
 
     assert STATE_OF_KIND[K.KIND_REPLAYED] == TaskState.SUBMITTED
+
+
+@pytest.mark.parametrize("dispatchers", ["garbage", "127.0.0.1:99999", "a:1,,b:2", "host:port"])
+def test_a_malformed_dispatcher_address_is_a_setting_error(dispatchers: str) -> None:
+    from sluicegate.settings import load
+    from sluicegate.worker_settings import WorkerSettings
+
+    with pytest.raises(InvalidInput, match="SLUICEGATE_WORKER_DISPATCHERS"):
+        load(WorkerSettings, dispatchers=dispatchers)
+
+
+@pytest.mark.parametrize("dispatchers", ["127.0.0.1:50051", "a:1, b:2", "dns:///dispatcher:50051", "[::1]:50051"])
+def test_good_dispatcher_addresses_are_taken(dispatchers: str) -> None:
+    from sluicegate.settings import load
+    from sluicegate.worker_settings import WorkerSettings
+
+    assert load(WorkerSettings, dispatchers=dispatchers).dispatchers == dispatchers
