@@ -59,10 +59,21 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
         if not await _exists(connection, topology.events):
             raise InvalidInput(f"nothing runs under prefix {broker.prefix!r} (there is no exchange {topology.events})")
         views = await status.hear_dispatchers(connection, topology, listen)
-        recorded = await amqp.recorded_queues(connection, topology)
-        names = status.queue_names(topology, recorded, sorted(views))
+        lanes = {r.queue: r for r in await amqp.recorded_lanes(connection, topology)}
+        names = status.queue_names(topology, sorted(lanes), sorted(views))
         queues = await status.look_up_queues(connection, names, peek=not args.no_peek)
+    counts, waiting = await _from_store()
     now = now_ms()
+
+    def oldest_wait(q: status.QueueView) -> str:
+        if q.oldest_ms:
+            return _ago(q.oldest_ms, now)
+        lane = lanes.get(q.name)
+        since = waiting.get((lane.tenant, lane.action)) if lane is not None and q.depth else None
+        # A lane's head cannot be read while the scheduler may consume it: the store says how long
+        # the longest-waiting task of its tenant and action has been waiting.
+        return f"{_ago(int(since.timestamp() * 1000), now)} (store)" if since is not None else "-"
+
     found: dict[str, Any] = {
         "prefix": broker.prefix,
         "dispatchers": [
@@ -98,30 +109,33 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
                 "kind": q.kind,
                 "depth": q.depth,
                 "consumers": q.consumers,
-                "oldest_wait": _ago(q.oldest_ms, now) if q.oldest_ms else "-",
+                "oldest_wait": oldest_wait(q),
             }
             for q in queues
             if q.kind not in ("delay", "inbox") or q.depth  # empty rungs and inboxes are noise
         ],
         "in_flight": sum(v.in_flight for v in views.values()),
     }
-    found["tasks"] = await _store_counts()
+    found["tasks"] = counts
     return found
 
 
-async def _store_counts() -> list[dict[str, Any]] | None:
+async def _from_store() -> tuple[list[dict[str, Any]] | None, dict[tuple[str, str], datetime]]:
+    """Task counts by status, and since when each (tenant, action) has a task waiting: from the store, if any."""
     from sluicegate.store import StoreSettings, TaskStore
 
     settings = load(StoreSettings)
     if not settings.configured:
-        return None
+        return None, {}
     async with TaskStore(settings) as store:
         counts = await store.status_counts(STORE_WINDOW)
+        waiting = await store.oldest_waiting()
     now = datetime.now(UTC)
-    return [
+    listed = [
         {"status": s, "tasks": n, "oldest": f"{(now - oldest).total_seconds():.0f}s ago" if oldest else "-"}
         for s, n, oldest in counts
     ]
+    return listed, waiting
 
 
 def render(found: dict[str, Any]) -> str:

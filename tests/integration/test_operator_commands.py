@@ -217,7 +217,7 @@ async def test_cleanup_refuses_while_something_runs_then_removes_everything(stac
         assert not await _exists(stack.broker, f"{prefix}.{name}"), name
 
 
-async def test_status_reads_task_counts_from_the_store(stack: Stack, store_url: str) -> None:
+async def test_status_reads_task_counts_and_lane_waits_from_the_store(stack: Stack, store_url: str) -> None:
     store: StoreSettings = await migrate(store_url)
     await stack.start_scheduler()
     dispatcher = await stack.start_dispatcher()
@@ -226,12 +226,21 @@ async def test_status_reads_task_counts_from_the_store(stack: Stack, store_url: 
     async with recorder(store, stack.broker):
         client = await stack.client()
         task_id = await client.submit("echo", b"x")
+        waiting_id = await client.submit("nobody-serves-this", b"")
         await client.result(task_id, timeout=20)
         async with TaskStore(store) as records:
-            for _ in range(100):
-                record = await records.get(task_id)
-                if record is not None and record.terminal:
+
+            async def recorded() -> bool:
+                done, waiting = await records.get(task_id), await records.get(waiting_id)
+                return bool(done and done.terminal and waiting and waiting.status.value == "waiting")
+
+            for _ in range(200):
+                if await recorded():
                     break
                 await asyncio.sleep(0.05)
+            assert await recorded()
         found = await _cli_json(stack.broker, "status", SLUICEGATE_STORE_URL=store_url)
-    assert {k: v for k, v in found["tasks"][0].items() if k != "oldest"} == {"status": "completed", "tasks": 1}
+    by_status = {t["status"]: t["tasks"] for t in found["tasks"]}
+    assert by_status == {"completed": 1, "waiting": 1}
+    (lane,) = [q for q in found["queues"] if q["kind"] == "lane"]
+    assert lane["oldest_wait"].endswith("s (store)"), lane  # a lane's head cannot be peeked; the store knows

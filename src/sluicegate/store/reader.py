@@ -147,6 +147,14 @@ class TaskStore:
         )
         return [(str(r["status"]), int(r["tasks"]), r["oldest"]) for r in rows]
 
+    async def oldest_waiting(self) -> dict[tuple[str, str], datetime]:
+        """Since when the longest-waiting task of each (tenant, action) waits (parked, delayed, backing off)."""
+        rows = await self._fetch(
+            "SELECT tenant, action, min(status_at) AS since FROM sluicegate_tasks WHERE status = 'waiting'"
+            " GROUP BY tenant, action"
+        )
+        return {(str(r["tenant"]), str(r["action"])): r["since"] for r in rows}
+
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Poll until the task has a terminal record; TimeoutError after `timeout` seconds.
 
