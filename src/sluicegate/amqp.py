@@ -24,10 +24,10 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from yarl import URL
 
-from sluicegate.errors import BrokerRefused, PublishError, Unroutable
+from sluicegate.errors import PublishError, Unroutable
 from sluicegate.failover import FailoverConnection
+from sluicegate.refusals import REFUSALS, refused
 from sluicegate.settings import BrokerSettings, split_urls
 
 log = logging.getLogger(__name__)
@@ -301,31 +301,6 @@ async def follow_cancels(
         log.warning("the cancellations stream was not read to its end within %.0f s; going on", catch_up)
 
 
-# What the broker says when it will not let this login in: retrying the same credentials cannot help.
-_REFUSALS = (
-    aiormq.exceptions.ProbableAuthenticationError,  # ACCESS_REFUSED (403) during the handshake
-    aiormq.exceptions.AuthenticationError,  # no authentication mechanism in common
-    aiormq.exceptions.ConnectionNotAllowed,  # NOT_ALLOWED (530): no access to the virtual host
-    aiormq.exceptions.InvalidFrameError,  # how aiormq 6 reports that NOT_ALLOWED: a Close instead of OpenOk
-)
-
-
-def refused(err: BaseException, url: str) -> BrokerRefused:
-    """The one-line error for a login the broker refused; names the address, never the password."""
-    try:
-        parsed = URL(url)
-        where = f"{parsed.host}:{parsed.port or 5672}{parsed.path if parsed.path not in ('', '/') else ''}"
-        user = parsed.user or "guest"
-    except (ValueError, TypeError):
-        where, user = "the broker", "the user"
-    if isinstance(err, aiormq.exceptions.ConnectionNotAllowed | aiormq.exceptions.InvalidFrameError):
-        return BrokerRefused(
-            f"the broker at {where} refused the connection: check that the virtual host exists and that user"
-            f" {user!r} may use it"
-        )
-    return BrokerRefused(f"the broker at {where} refused the login of user {user!r}: check the user and password")
-
-
 def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> dict[str, Any]:
     """A dispatcher's inbox: what is not settled within its TTL dead-letters to `requeue`."""
     return quorum(
@@ -361,7 +336,7 @@ async def connect(
         try:
             await connection.connect(timeout=5)
             return connection
-        except _REFUSALS as err:
+        except REFUSALS as err:
             with contextlib.suppress(Exception):
                 await connection.close()
             raise refused(err, addresses[(start + attempt - 1) % len(addresses)]) from err
@@ -397,7 +372,7 @@ async def connect_plain(
         try:
             connection: AbstractConnection = await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=5)
             return connection
-        except _REFUSALS as err:
+        except REFUSALS as err:
             raise refused(err, url) from err
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
             untried = attempt % len(addresses) != 0

@@ -130,3 +130,12 @@ async def test_a_worker_says_once_where_it_registered(stack: Stack, caplog: pyte
     said = [r.getMessage() for r in caplog.records if r.name == "sluicegate.worker"]
     assert said == [f"worker w-hello registered with dispatcher {dispatcher.id} at 127.0.0.1:{dispatcher.port}"]
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "sluicegate.worker")
+
+
+async def test_a_virtual_host_the_user_may_not_use_is_reported_as_such(broker: BrokerSettings) -> None:
+    url = broker.rabbitmq_url.get_secret_value().rstrip("/") + "/no-such-vhost"
+    started = time.monotonic()
+    code, _, err = await run_cli("submit", "echo", env={"RABBITMQ_URL": url})
+    assert code == 1
+    assert "refused the connection: check that the virtual host exists" in _one_line(err)
+    assert time.monotonic() - started < 10
