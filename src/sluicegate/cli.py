@@ -216,12 +216,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return demo.result()
 
 
-async def cmd_bench(args: argparse.Namespace) -> int:
-    from sluicegate.bench import run
-
-    return await run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluicegate", description=__doc__)
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
@@ -285,11 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
     p.set_defaults(run=cmd_demo)
 
-    from sluicegate.bench.options import add_arguments as add_bench_arguments
-
-    p = commands.add_parser("bench", help="benchmark the dispatch path on the local broker, beside Celery")
-    add_bench_arguments(p)
-    p.set_defaults(run=cmd_bench)
     return parser
 
 

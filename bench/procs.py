@@ -26,6 +26,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _PR_SET_PDEATHSIG = 1
 RUN_ENV = "SLUICEGATE_BENCH_RUN"  # every child carries the run id, so leftovers can be found
+ROOT = Path(__file__).resolve().parents[1]  # the repository: children import `bench` from it
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -191,12 +192,13 @@ class Processes:
     ) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("ab")
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         popen = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout else log_file,
             stderr=log_file,
-            env={**os.environ, RUN_ENV: self.run_id, **(env or {})},
+            env={**os.environ, RUN_ENV: self.run_id, "PYTHONPATH": path, **(env or {})},
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

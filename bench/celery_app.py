@@ -3,7 +3,7 @@
 Celery is a benchmark extra (`pip install 'sluicegate[bench]'`), never a runtime dependency: only
 the benchmark imports this module, and only when Celery is installed. The worker is started as
 
-    celery -A sluicegate.bench.celery_app worker --pool threads -c 20
+    celery -A bench.celery_app worker --pool threads -c 20
 
 with SLUICEGATE_BENCH_CELERY_QUEUE naming the queue (and exchange) the run uses and RABBITMQ_URL
 the broker. Settings: RabbitMQ broker, `rpc://` result backend, late acks, everything else Celery's
@@ -63,7 +63,7 @@ def _app_from_env() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A sluicegate.bench.celery_app` looks up `app`; built on first use so that importing
+    # `celery -A bench.celery_app` looks up `app`; built on first use so that importing
     # this module for its helpers never needs Celery.
     if name == "app":
         app = _app_from_env()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sluicegate.bench.options import Options
+from bench.options import Options
 
 Figures = dict[str, Any]
 
@@ -23,8 +23,6 @@ TARGETS = {
     "ratio": 10.0,  # Sluicegate / Celery
     "receipt_p99_ms": 25.0,  # at half the capacity
     "stall_p99_factor": 2.0,  # healthy p99 under a stall / without
-    "lock_uncontended": 500_000.0,
-    "lock_contended": 100_000.0,
     "bytes_per_stream": 64 * 1024.0,
 }
 
@@ -41,19 +39,15 @@ COLUMNS = [
     "receipt p50/p99 ms (20 / many streams)",
     "stall: healthy p99 vs base; healthy tasks/s",
     "requeue→receipt p99 ms",
-    "lock /s uncont. / handoff",
     "KiB per idle stream",
     "CPU µs/task sched / disp / workers / client / broker",
     "others' CPU",
 ]
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed: `python -m sluicegate.bench ...` or `sluicegate bench ...`."""
-    argv = list(sys.argv if argv is None else argv)
-    first = argv[0] if argv else ""
-    prog = "python -m sluicegate.bench" if first.endswith("__main__.py") else Path(first).name or "sluicegate"
-    return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])
+def command_line() -> str:
+    """The command as typed: `python -m bench ...`."""
+    return " ".join(["python -m bench", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def _version(dist: str) -> str:
@@ -84,7 +78,7 @@ def _memory_gib() -> float:
 
 
 def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
@@ -276,20 +270,6 @@ def table(figures: Figures) -> str:
             f"  requeue→re-receipt p50/p90/p99/max ms ({rq['tasks']} requeued, behind the backlog)",
             _dist(rq["requeue_to_receipt_ms"]),
         )
-    lock = figures.get("lock")
-    if lock:
-        row(
-            "send lock, uncontended acquire+release",
-            f"{_n(lock['uncontended_per_s'])}/s",
-            f">= {TARGETS['lock_uncontended']:,.0f}",
-            _verdict(lock["uncontended_per_s"] >= TARGETS["lock_uncontended"]),
-        )
-        row(
-            f"send lock, contended handoffs ({lock['contenders']} tasks)",
-            f"{_n(lock['contended_handoffs_per_s'])}/s",
-            f">= {TARGETS['lock_contended']:,.0f}",
-            _verdict(lock["contended_handoffs_per_s"] >= TARGETS["lock_contended"]),
-        )
     memory = figures.get("memory")
     if memory:
         row(
@@ -360,7 +340,6 @@ def record_row(figures: Figures) -> str:
     lat = figures.get("latency") or {}
     receipts = [lat[k]["receipt_ms"] for k in lat]
     stall = figures.get("stall") or {}
-    lock = figures.get("lock") or {}
     memory = figures.get("memory") or {}
     cpu = tp.get("cpu_us_per_task") or {}
     parts = [
@@ -388,7 +367,6 @@ def record_row(figures: Figures) -> str:
         " / ".join(f"{_n(d.get('p50'), 1)}/{_n(d.get('p99'), 1)}" for d in receipts) or "-",
         stall_cell,
         _n(requeue.get("p99"), 0) if requeue.get("count") else "-",
-        f"{_n(lock.get('uncontended_per_s'))} / {_n(lock.get('contended_handoffs_per_s'))}" if lock else "-",
         _n(memory["bytes_per_stream"] / 1024, 1) if memory else "-",
         " / ".join(_n(cpu.get(k)) for k in ("scheduler", "dispatcher", "workers", "client", "broker")) if cpu else "-",
         f"{_n(tp.get('other_processes_pct'))}%" if tp else "-",

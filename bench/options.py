@@ -1,4 +1,4 @@
-"""The benchmark's command-line options (kept light: `sluicegate --help` imports this, nothing heavy)."""
+"""The benchmark's command-line options and the sizes of a full and a quick run."""
 
 from __future__ import annotations
 
@@ -70,11 +70,11 @@ class Options:
         return self.fleet_procs or (1 if workers <= 50 else 2)
 
 
-PHASES = ("lock", "throughput", "latency", "stall", "celery", "many", "memory")
+PHASES = ("throughput", "latency", "stall", "celery", "many", "memory")
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) -> None:
-    """Add the benchmark's options; `standalone` adds the ones the `sluicegate` command has globally."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
     size = parser.add_argument_group("sizes (defaults: a full run; --quick shrinks them)")
     size.add_argument("--quick", action="store_true", help="a tiny smoke run (well under a minute)")
     size.add_argument("--tasks", type=int, help="tasks in each throughput run (full 20000, quick 400)")
@@ -115,9 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) 
         metavar="SECONDS",
         help="first wait up to SECONDS for the machine to be nearly idle (it is shared with the broker)",
     )
-    if standalone:
-        parser.add_argument("--prefix", help="base of the run's unique queue and exchange prefix (sluicegate)")
-        parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
+    parser.add_argument("--prefix", help="base of the run's unique queue and exchange prefix (sluicegate)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
 
 
 def resolve(args: argparse.Namespace) -> Options:

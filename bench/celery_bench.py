@@ -14,9 +14,9 @@ from typing import Any
 
 import aiormq
 
+from bench.celery_app import QUEUE_ENV, TASK_NAME, make_app, make_payload
+from bench.procs import Child, CpuMeter, Processes, python_module
 from sluicegate import amqp
-from sluicegate.bench.celery_app import QUEUE_ENV, TASK_NAME, make_app, make_payload
-from sluicegate.bench.procs import Child, CpuMeter, Processes, python_module
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ async def run_celery(
     argv = python_module(
         "celery",
         "-A",
-        "sluicegate.bench.celery_app",
+        "bench.celery_app",
         "worker",
         "--pool",
         pool,

@@ -7,10 +7,10 @@ import contextlib
 import signal
 import uuid
 
+from bench.fleet import worker_id
+from bench.procs import Child, Processes, free_port, python_module, wait_for_port
+from bench.runs import StateWatcher
 from sluicegate import amqp
-from sluicegate.bench.fleet import worker_id
-from sluicegate.bench.procs import Child, Processes, free_port, python_module, wait_for_port
-from sluicegate.bench.runs import StateWatcher
 from sluicegate.settings import BrokerSettings
 
 
@@ -88,7 +88,7 @@ class Stack:
             fleet_name = f"{name}f{k}"
             stalls = min(stall_count, count) if k == 0 else 0
             argv = python_module(
-                "sluicegate.bench.fleet",
+                "bench.fleet",
                 "--dispatchers",
                 self.address,
                 "--workers",

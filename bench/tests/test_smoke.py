@@ -1,6 +1,6 @@
 """The benchmark end to end with tiny numbers: it runs, cleans up after itself, and its figures are sane.
 
-Runs `python -m sluicegate.bench --quick` as a subprocess against the test broker (the Celery part
+Runs `python -m bench --quick` as a subprocess against the test broker (the Celery part
 only when Celery is installed) and checks the JSON it writes, not the speeds themselves.
 """
 
@@ -42,7 +42,7 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
     argv = [
         sys.executable,
         "-m",
-        "sluicegate.bench",
+        "bench",
         "--quick",
         "--tasks",
         "300",
@@ -67,6 +67,7 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
     done = subprocess.run(
         argv,
         env={**os.environ, "RABBITMQ_URL": rabbitmq_url},
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=85,
@@ -105,10 +106,6 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
     # The stalled workers held tasks until the receipt deadline: those were requeued and ran elsewhere.
     requeued = open_loop["requeues"]["tasks"] + stall["throughput"]["requeues"]["tasks"]
     assert requeued > 0
-
-    lock = figures["lock"]
-    assert lock["uncontended_per_s"] > 10_000
-    assert lock["contended_handoffs_per_s"] > 1_000
 
     memory = figures["memory"]
     assert memory["streams"] == 50

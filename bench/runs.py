@@ -21,8 +21,8 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from google.protobuf.message import DecodeError
 
+from bench.fleet import NOOP_ACTION, make_payload, read_output
 from sluicegate import amqp
-from sluicegate.bench.fleet import NOOP_ACTION, make_payload, read_output
 from sluicegate.client import Client, TaskSpec
 from sluicegate.report import percentile
 from sluicegate.settings import BrokerSettings

@@ -1,7 +1,6 @@
 """The benchmark run: every phase in turn, each on its own prefix, every process stopped and every name deleted.
 
 Phases (each can be skipped with --skip):
-  lock        the send lock alone, in this process
   throughput  20 workers: closed-loop throughput with CPU per task per process (and the py-spy profile)
   latency     open loop at half the capacity, 20 streams
   stall       10 % of the workers stop reading: open loop as above, then closed loop
@@ -25,13 +24,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sluicegate.bench import report
-from sluicegate.bench.celery_bench import celery_available, delete_celery_names, run_celery
-from sluicegate.bench.lockbench import run_lock_bench
-from sluicegate.bench.options import Options
-from sluicegate.bench.procs import CpuMeter, Processes, find_broker_pid, rss_bytes
-from sluicegate.bench.profiling import Recorder, py_spy_path
-from sluicegate.bench.runs import (
+from bench import report
+from bench.celery_bench import celery_available, delete_celery_names, run_celery
+from bench.options import Options
+from bench.procs import CpuMeter, Processes, find_broker_pid, rss_bytes
+from bench.profiling import Recorder, py_spy_path
+from bench.runs import (
     BenchClient,
     Distribution,
     RunResult,
@@ -40,7 +38,7 @@ from sluicegate.bench.runs import (
     closed_loop,
     open_loop,
 )
-from sluicegate.bench.stack import Stack
+from bench.stack import Stack
 from sluicegate.settings import BrokerSettings, load
 
 Figures = dict[str, Any]
@@ -111,15 +109,6 @@ class Bench:
         say(f"   ({time.monotonic() - started:.1f} s)")
 
     # Phases.
-
-    async def lock(self) -> None:
-        figures = await run_lock_bench(50_000 if self.o.quick else 200_000)
-        self.figures["lock"] = {
-            "uncontended_per_s": figures.uncontended_per_s,
-            "contended_handoffs_per_s": figures.contended_handoffs_per_s,
-            "contenders": figures.contenders,
-            "semaphore_per_s": figures.reference_semaphore_per_s,
-        }
 
     async def main_scenario(self) -> None:
         """20 workers: throughput, the profiled run, the latency baseline, then the stall."""
@@ -500,13 +489,13 @@ def _log_dir(given: str | None) -> Path:
 
 
 async def run(args: Any) -> int:
-    """Entry point of `sluicegate bench` (from parsed arguments); returns the exit code."""
-    from sluicegate.bench.options import resolve
+    """Run the benchmark from parsed arguments; returns the exit code (2 for bad options)."""
+    from bench.options import resolve
 
     try:
         options = resolve(args)
     except ValueError as err:
-        print(f"sluicegate bench: {err}", file=sys.stderr)
+        print(f"bench: {err}", file=sys.stderr)
         return 2
     return await run_options(options, report.command_line())
 
@@ -522,14 +511,12 @@ async def run_options(options: Options, command: str) -> int:
     if main_task is not None:
         loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     interrupted = False
-    say(f"sluicegate bench: run {bench.run_id}, logs in {log_dir}")
+    say(f"bench: run {bench.run_id}, logs in {log_dir}")
     if options.wait_quiet:
         await wait_until_quiet(options.wait_quiet)
     bench.figures["meta"] = await report.metadata(options, command, await broker_version(broker.url))
     bench.figures["meta"]["run_id"] = run_id
     try:
-        if bench.wanted("lock"):
-            await bench.phase("send lock", bench.lock)
         if any(bench.wanted(p) for p in ("throughput", "latency", "stall")):
             await bench.phase(f"main scenario ({options.workers} workers)", bench.main_scenario)
         if bench.wanted("celery"):
