@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from bench.rivals import RIVALS
+
 # Sizes of a full run, and of `--quick` (a smoke run that finishes well inside a minute).
 FULL: dict[str, Any] = {
     "tasks": 20_000,
@@ -14,8 +16,8 @@ FULL: dict[str, Any] = {
     "many_workers": 200,
     "idle_streams": 1_000,
     "duration": 10.0,
-    "celery_tasks": 10_000,
-    "celery_pools": "threads,prefork",
+    "rival_tasks": 10_000,
+    "rivals": "celery-threads,celery-prefork,dramatiq",
     "ack_timeout": "5s",
     "profile_tasks": 10_000,
     "sweep": "50,100,200",
@@ -27,8 +29,8 @@ QUICK: dict[str, Any] = {
     "many_workers": 40,
     "idle_streams": 100,
     "duration": 2.0,
-    "celery_tasks": 400,
-    "celery_pools": "threads",
+    "rival_tasks": 400,
+    "rivals": "celery-threads,dramatiq",
     "ack_timeout": "1s",
     "profile_tasks": 400,
     "sweep": "",
@@ -48,10 +50,8 @@ class Options:
     rate: float | None
     payload_bytes: int
     fleet_procs: int | None
-    celery_tasks: int
-    celery_pools: list[str]
-    celery_threads: int
-    celery_processes: int
+    rival_tasks: int
+    rivals: list[str]
     ack_timeout: str
     stall_fraction: float
     prefix: str
@@ -70,7 +70,7 @@ class Options:
         return self.fleet_procs or (1 if workers <= 50 else 2)
 
 
-PHASES = ("throughput", "latency", "stall", "celery", "many", "memory")
+PHASES = ("throughput", "latency", "stall", "rivals", "many", "memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,10 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--sweep", help="extra open-loop rates (tasks/s, comma-separated; full 50,100,200; '' for none)")
     size.add_argument("--payload-bytes", type=int, default=512)
     size.add_argument("--fleet-procs", type=int, help="worker processes per scenario (default 1, or 2 over 50)")
-    size.add_argument("--celery-tasks", type=int, help="tasks in each Celery run (full 10000)")
-    size.add_argument("--celery-pools", help="comma-separated: threads, prefork (full both, quick threads)")
-    size.add_argument("--celery-threads", type=int, default=20, help="threads of the Celery thread pool (20)")
-    size.add_argument("--celery-processes", type=int, default=2, help="processes of the Celery prefork pool (2)")
+    size.add_argument("--rival-tasks", type=int, help="tasks in each Celery and Dramatiq closed loop (full 10000)")
+    size.add_argument(
+        "--rivals", help=f"comma-separated: {', '.join(RIVALS)} (full all, quick celery-threads,dramatiq; '' none)"
+    )
     size.add_argument("--ack-timeout", help="dispatcher receipt deadline (full 5s as deployed; quick 1s)")
     size.add_argument("--stall-fraction", type=float, default=0.1, help="share of workers that stop reading")
     size.add_argument("--skip", default="", help=f"comma-separated phases to leave out: {', '.join(PHASES)}")
@@ -127,10 +127,10 @@ def resolve(args: argparse.Namespace) -> Options:
         value = getattr(args, name, None)
         return sizes[name] if value is None else value
 
-    pools = [p.strip() for p in str(pick("celery_pools")).split(",") if p.strip()]
-    bad = [p for p in pools if p not in ("threads", "prefork")]
+    rivals = [r.strip() for r in str(pick("rivals")).split(",") if r.strip()]
+    bad = [r for r in rivals if r not in RIVALS]
     if bad:
-        raise ValueError(f"unknown Celery pool {bad[0]!r}; use threads or prefork")
+        raise ValueError(f"unknown rival {bad[0]!r}; rivals are {', '.join(RIVALS)}")
     skip = {s.strip() for s in (args.skip or "").split(",") if s.strip()}
     if skip - set(PHASES):
         raise ValueError(f"unknown phase {sorted(skip - set(PHASES))[0]!r}; phases are {', '.join(PHASES)}")
@@ -146,10 +146,8 @@ def resolve(args: argparse.Namespace) -> Options:
         rate=args.rate,
         payload_bytes=args.payload_bytes,
         fleet_procs=args.fleet_procs,
-        celery_tasks=int(pick("celery_tasks")),
-        celery_pools=pools,
-        celery_threads=args.celery_threads,
-        celery_processes=args.celery_processes,
+        rival_tasks=int(pick("rival_tasks")),
+        rivals=rivals,
         ack_timeout=str(pick("ack_timeout")),
         stall_fraction=args.stall_fraction,
         prefix=getattr(args, "prefix", None) or "sluicegate",
@@ -176,7 +174,7 @@ def resolve(args: argparse.Namespace) -> Options:
         (8 <= options.payload_bytes <= 1_000_000, "--payload-bytes must be between 8 and 1000000"),
         (options.fleet_procs is None or 1 <= options.fleet_procs <= 16, "--fleet-procs must be between 1 and 16"),
         (0 < options.stall_fraction < 1, "--stall-fraction must be between 0 and 1"),
-        (1 <= options.celery_tasks <= 1_000_000, "--celery-tasks must be between 1 and 1000000"),
+        (1 <= options.rival_tasks <= 1_000_000, "--rival-tasks must be between 1 and 1000000"),
         (all(1 <= r <= 100_000 for r in options.sweep), "--sweep rates must be between 1 and 100000"),
     ]
     for ok, message in checks:

@@ -20,7 +20,8 @@ Figures = dict[str, Any]
 
 TARGETS = {
     "throughput": 5000.0,  # tasks/s end to end
-    "ratio": 10.0,  # Sluicegate / Celery
+    "celery": 10.0,  # Sluicegate / Celery, closed loop
+    "dramatiq": 2.0,  # Sluicegate / Dramatiq, closed loop
     "receipt_p99_ms": 25.0,  # at half the capacity
     "stall_p99_factor": 2.0,  # healthy p99 under a stall / without
     "bytes_per_stream": 64 * 1024.0,
@@ -34,8 +35,8 @@ COLUMNS = [
     "versions",
     "command",
     "e2e tasks/s",
-    "Celery tasks/s",
-    "ratio",
+    "Celery / Dramatiq tasks/s",
+    "ratio to Celery / Dramatiq",
     "receipt p50/p99 ms (20 / many streams)",
     "stall: healthy p99 vs base; healthy tasks/s",
     "requeue→receipt p99 ms",
@@ -123,6 +124,7 @@ async def metadata(options: Options, command: str, broker: str) -> Figures:
             "protobuf": _version("protobuf"),
             "uvloop": _version("uvloop"),
             "celery": _version("celery"),
+            "dramatiq": _version("dramatiq"),
             "broker": broker,
         },
         "sizes": {
@@ -134,7 +136,7 @@ async def metadata(options: Options, command: str, broker: str) -> Figures:
             "idle_streams": options.idle_streams,
             "duration_s": options.duration,
             "payload_bytes": options.payload_bytes,
-            "celery_tasks": options.celery_tasks,
+            "rival_tasks": options.rival_tasks,
             "ack_timeout": options.ack_timeout,
         },
     }
@@ -171,13 +173,14 @@ def _cpu_values(figures: Figures) -> str:
     return " / ".join(_n(cpu[n]) for n in CPU_ORDER if n in cpu)
 
 
-def best_celery(figures: Figures) -> Figures | None:
-    runs = (figures.get("celery") or {}).get("runs") or []
+def best_rival(figures: Figures, framework: str) -> Figures | None:
+    """The fastest closed-loop run of one framework (celery or dramatiq)."""
+    runs = [r for r in (figures.get("rivals") or {}).get("runs") or [] if r["rival"].startswith(framework)]
     return max(runs, key=lambda r: r["tasks_per_s"]) if runs else None
 
 
-def ratio(figures: Figures) -> float | None:
-    best = best_celery(figures)
+def ratio(figures: Figures, framework: str) -> float | None:
+    best = best_rival(figures, framework)
     tp = figures.get("throughput")
     if not best or not tp or not best["tasks_per_s"]:
         return None
@@ -203,18 +206,18 @@ def table(figures: Figures) -> str:
             f">= {TARGETS['throughput']:,.0f}",
             _verdict(tp["tasks_per_s"] >= TARGETS["throughput"]),
         )
-    celery = figures.get("celery") or {}
-    if celery.get("skipped"):
-        row("Celery", celery["skipped"])
-    for run in celery.get("runs", []):
-        row(
-            f"Celery {versions.get('celery', '')} {run['pool']} x{run['concurrency']}, rpc://, acks late",
-            f"{_n(run['tasks_per_s'])} tasks/s",
-        )
-    r = ratio(figures)
-    if r is not None:
-        target = f">= {TARGETS['ratio']:.0f}x"
-        row("Sluicegate / Celery (best pool)", f"{r:.2f}x", target, _verdict(r >= TARGETS["ratio"]))
+    rivals = figures.get("rivals") or {}
+    for skipped in rivals.get("skipped", []):
+        row("skipped", skipped)
+    for run in rivals.get("runs", []):
+        framework = run["rival"].split("-")[0]
+        label = f"{run['label']} ({framework} {versions.get(framework, '')}), closed loop"
+        row(label, f"{_n(run['tasks_per_s'])} tasks/s")
+    for framework in ("celery", "dramatiq"):
+        r = ratio(figures, framework)
+        if r is not None:
+            target = f">= {TARGETS[framework]:.0f}x"
+            row(f"Sluicegate / {framework} (best)", f"{r:.2f}x", target, _verdict(r >= TARGETS[framework]))
     for lat in (figures.get("latency") or {}).values():
         where = f"{lat['offered_per_s']:.0f}/s open loop, {lat['streams']} streams"
         p99 = lat["receipt_ms"].get("p99")
@@ -292,9 +295,9 @@ def table(figures: Figures) -> str:
         util = tp["cpu_util_pct"]
         row(f"CPU % of a core during it: {' / '.join(names)}", " / ".join(_n(util[n]) for n in names))
         row("other processes on the machine during it", f"{_n(tp['other_processes_pct'])}% of a core")
-    for run in celery.get("runs", []):
+    for run in rivals.get("runs", []):
         cpu = run["cpu_us_per_task"]
-        row(f"Celery {run['pool']}: CPU µs per task worker / client", " / ".join(_n(v) for v in cpu.values()))
+        row(f"{run['rival']}: CPU µs per task worker / client", " / ".join(_n(v) for v in cpu.values()))
 
     width = [max(len(r[i]) for r in rows) if rows else 0 for i in range(4)]
     header = (
@@ -331,12 +334,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _rival_cell(run: Figures | None) -> str:
+    return f"{_n(run['tasks_per_s'])} ({run['label']})" if run else "-"
+
+
 def record_row(figures: Figures) -> str:
     meta = figures.get("meta", {})
     machine = meta.get("machine", {})
     v = meta.get("versions", {})
     tp = figures.get("throughput") or {}
-    best = best_celery(figures)
     lat = figures.get("latency") or {}
     receipts = [lat[k]["receipt_ms"] for k in lat]
     stall = figures.get("stall") or {}
@@ -352,18 +358,17 @@ def record_row(figures: Figures) -> str:
     stall_cell = "; ".join(parts) or "-"
     first = (stall.get("open_loop") or [{}])[0]
     requeue = (first.get("requeues") or {}).get("requeue_to_receipt_ms") or {}
-    r = ratio(figures)
     cells = [
         meta.get("date", ""),
         meta.get("commit", ""),
         f"{machine.get('nproc')} cores, {machine.get('memory_gib')} GiB, {machine.get('cpu')}",
         f"Python {v.get('python')}, sluicegate {v.get('sluicegate')}, aio-pika {v.get('aio-pika')}, "
         f"grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, uvloop {v.get('uvloop')}, "
-        f"celery {v.get('celery')}, {v.get('broker')}",
+        f"celery {v.get('celery')}, dramatiq {v.get('dramatiq')}, {v.get('broker')}",
         f"`{meta.get('command', '')}`",
         _n(tp.get("tasks_per_s")),
-        f"{_n(best['tasks_per_s'])} ({best['pool']} x{best['concurrency']})" if best else "-",
-        f"{r:.2f}x" if r is not None else "-",
+        " / ".join(_rival_cell(best_rival(figures, f)) for f in ("celery", "dramatiq")),
+        " / ".join("-" if (r := ratio(figures, f)) is None else f"{r:.2f}x" for f in ("celery", "dramatiq")),
         " / ".join(f"{_n(d.get('p50'), 1)}/{_n(d.get('p99'), 1)}" for d in receipts) or "-",
         stall_cell,
         _n(requeue.get("p99"), 0) if requeue.get("count") else "-",

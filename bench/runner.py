@@ -4,7 +4,7 @@ Phases (each can be skipped with --skip):
   throughput  20 workers: closed-loop throughput with CPU per task per process (and the py-spy profile)
   latency     open loop at half the capacity, 20 streams
   stall       10 % of the workers stop reading: open loop as above, then closed loop
-  celery      the throughput workload through Celery (skipped when Celery is not installed)
+  rivals      the throughput workload through Celery and Dramatiq (each skipped when not installed)
   many        open loop at the same rate over 200 streams
   memory      dispatcher RSS before and after 1,000 idle streams
 """
@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.celery_bench import celery_available, delete_celery_names, run_celery
+from bench import report, rivals
 from bench.options import Options
 from bench.procs import CpuMeter, Processes, find_broker_pid, rss_bytes
 from bench.profiling import Recorder, py_spy_path
+from bench.rivals import RIVALS
 from bench.runs import (
     BenchClient,
     Distribution,
@@ -85,7 +85,7 @@ class Bench:
         self.run_id = run_id
         self.figures: Figures = {"errors": {}}
         self.stacks: list[Stack] = []
-        self.celery_queues: list[str] = []
+        self.rival_queues: list[str] = []
         self.capacity: float | None = None
         self.baseline: RunResult | None = None
         self.baseline_throughput: RunResult | None = None
@@ -320,45 +320,28 @@ class Bench:
         await stack.watcher.wait_ready(stack.workers, 30)
         await asyncio.sleep(self._cooldown_wait())
 
-    async def celery(self) -> None:
-        if not celery_available():
-            self.figures["celery"] = {"skipped": "celery is not installed (pip install 'sluicegate[bench]')"}
-            say("   skipped: celery is not installed")
-            return
-        runs = []
-        for pool in self.o.celery_pools:
-            concurrency = self.o.celery_threads if pool == "threads" else self.o.celery_processes
-            queue = f"{self.o.prefix}-bench-{self.run_id}-celery-{pool}"
-            self.celery_queues.append(queue)
+    async def compare(self) -> None:
+        """Each rival in turn, its own worker on its own queue: closed loop, with CPU per task."""
+        runs: list[Figures] = []
+        self.figures["rivals"] = {"runs": runs, "skipped": []}
+        for name in self.o.rivals:
+            rival = RIVALS[name]
+            if not rivals.available(rival):
+                self.figures["rivals"]["skipped"].append(f"{name}: {rival.framework} is not installed")
+                say(f"   {name} skipped: {rival.framework} is not installed (pip install -e '.[bench]')")
+                continue
+            queue = f"{self.o.prefix}-bench-{self.run_id}-{name}"
+            self.rival_queues += rivals.queue_names(rival, queue, ["warm", "tp"])
+            url = self.broker.url
+            worker = await rivals.start_worker(self.procs, rival, url, queue, self.o.payload_bytes, self.o.warmup)
             try:
-                figures = await run_celery(
-                    self.procs,
-                    url=self.broker.url,
-                    queue=queue,
-                    pool=pool,
-                    concurrency=concurrency,
-                    tasks=self.o.celery_tasks,
-                    warmup=min(self.o.warmup or 100, 1000),
-                    payload_bytes=self.o.payload_bytes,
-                    timeout=self._timeout(self.o.celery_tasks),
-                )
+                tasks = self.o.rival_tasks
+                run = await rivals.closed_loop(worker, url, tasks, self.o.payload_bytes, self._timeout(tasks))
             finally:
-                await delete_celery_names(self.broker.url, queue)
-            received = max(1, figures.received)
-            runs.append(
-                {
-                    "pool": pool,
-                    "concurrency": concurrency,
-                    "tasks": figures.tasks,
-                    "received": figures.received,
-                    "elapsed_s": figures.elapsed_s,
-                    "tasks_per_s": figures.throughput,
-                    "cpu_us_per_task": {k: v / received * 1e6 for k, v in figures.cpu_s.items()},
-                }
-            )
-            took = f"{figures.received} in {figures.elapsed_s:.2f} s"
-            say(f"   {pool} x{concurrency}: {took}, {figures.throughput:.0f} tasks/s")
-        self.figures["celery"] = {"runs": runs}
+                await worker.stop()
+            runs.append(run)
+            took = f"{run['received']}/{run['tasks']} in {run['elapsed_s']:.2f} s"
+            say(f"   {rival.label}: {took}, {run['tasks_per_s']:.0f} tasks/s")
 
     async def many(self) -> None:
         o = self.o
@@ -429,8 +412,8 @@ class Bench:
         await self.procs.stop_all()
         for stack in self.stacks:
             await stack.clean()
-        for queue in self.celery_queues:
-            await delete_celery_names(self.broker.url, queue)
+        # Celery declares an exchange named like its queue; Dramatiq declares none.
+        await rivals.delete_queues(self.broker.url, self.rival_queues, self.rival_queues)
 
 
 def _merge_workers(values: dict[str, float]) -> dict[str, float]:
@@ -519,8 +502,8 @@ async def run_options(options: Options, command: str) -> int:
     try:
         if any(bench.wanted(p) for p in ("throughput", "latency", "stall")):
             await bench.phase(f"main scenario ({options.workers} workers)", bench.main_scenario)
-        if bench.wanted("celery"):
-            await bench.phase("celery", bench.celery)
+        if bench.wanted("rivals") and options.rivals:
+            await bench.phase("Celery and Dramatiq", bench.compare)
         if bench.wanted("many"):
             await bench.phase(f"latency ({options.many_workers} streams)", bench.many)
         if bench.wanted("memory"):

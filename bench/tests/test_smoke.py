@@ -6,6 +6,7 @@ only when Celery is installed) and checks the JSON it writes, not the speeds the
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
@@ -15,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 pytestmark = pytest.mark.timeout(90)
 
 HAS_CELERY = importlib.util.find_spec("celery") is not None
+HAS_DRAMATIQ = importlib.util.find_spec("dramatiq") is not None
 
 
 def _processes_of_run(run_id: str) -> list[int]:
@@ -32,6 +35,20 @@ def _processes_of_run(run_id: str) -> list[int]:
                 if marker in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
             except OSError:
+                continue
+    return found
+
+
+async def _existing_queues(url: str, names: list[str]) -> list[str]:
+    """Those of `names` the broker has (a passive declare of a missing queue closes the channel)."""
+    found = []
+    async with await aio_pika.connect(url) as connection:
+        for name in names:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+                found.append(name)
+            except aio_pika.exceptions.ChannelClosed:
                 continue
     return found
 
@@ -52,7 +69,7 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
         "50",
         "--duration",
         "1.5",
-        "--celery-tasks",
+        "--rival-tasks",
         "200",
         "--json",
         str(out),
@@ -61,8 +78,6 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
         "--log-dir",
         str(tmp_path / "logs"),
     ]
-    if not HAS_CELERY:
-        argv += ["--skip", "celery"]
     started = time.monotonic()
     done = subprocess.run(
         argv,
@@ -111,16 +126,22 @@ def test_quick_benchmark_runs_and_reports_sane_figures(rabbitmq_url: str, tmp_pa
     assert memory["streams"] == 50
     assert memory["rss_after_bytes"] > memory["rss_before_bytes"] > 0
 
-    if HAS_CELERY:
-        (run,) = figures["celery"]["runs"]
+    runs = {run["rival"]: run for run in figures["rivals"]["runs"]}
+    assert set(runs) == {name for name, ok in (("celery-threads", HAS_CELERY), ("dramatiq", HAS_DRAMATIQ)) if ok}
+    assert len(figures["rivals"]["skipped"]) == 2 - len(runs)
+    for run in runs.values():
         assert run["received"] == run["tasks"] == 200
         assert run["tasks_per_s"] > 0
-    else:
-        assert "celery" not in figures
+        assert 0 < run["cpu_us_per_task"]["worker"] < 1_000_000
 
     assert "end-to-end throughput" in done.stdout
     rows = [line for line in record.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1, "one row recorded"
 
-    # Every process it started is gone.
-    assert _processes_of_run(figures["meta"]["run_id"]) == []
+    # Every process it started is gone, and so is every queue the rivals declared.
+    run_id = figures["meta"]["run_id"]
+    assert _processes_of_run(run_id) == []
+    base = f"sluicegate-bench-{run_id}"
+    names = [f"{base}-celery-threads", f"{base}-dramatiq", f"{base}-dramatiq.DQ", f"{base}-dramatiq.XQ"]
+    names += [f"{base}-dramatiq.reply-{r}" for r in ("warm", "tp")]
+    assert asyncio.run(_existing_queues(rabbitmq_url, names)) == []
