@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -47,13 +46,6 @@ RIVALS = {
 
 def available(rival: Rival) -> bool:
     return importlib.util.find_spec(rival.framework) is not None
-
-
-def version(framework: str) -> str:
-    try:
-        return importlib.metadata.version(framework)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
 
 
 def worker_argv(rival: Rival, queue: str) -> list[str]:
@@ -199,10 +191,6 @@ class RivalWorker:
     child: Child
     queue: str
 
-    def meter(self) -> CpuMeter:
-        """CPU of the worker process and its pool's processes."""
-        return CpuMeter({"worker": self.child.pid}, trees=frozenset({"worker"}))
-
     async def stop(self) -> None:
         # Every task is settled by now: a cold shutdown (SIGQUIT for Celery) loses nothing.
         sig = signal.SIGQUIT if self.rival.framework == "celery" else signal.SIGTERM
@@ -223,10 +211,10 @@ async def start_worker(
     return worker
 
 
-async def closed_loop(worker: RivalWorker, url: str, tasks: int, payload_bytes: int, timeout: float) -> dict[str, Any]:
-    """`tasks` sent as fast as one producer can, then every result: tasks/s and CPU per task."""
-    meter = worker.meter()
-    meter.pids["client"] = os.getpid()
+async def closed_loop(
+    worker: RivalWorker, url: str, tasks: int, payload_bytes: int, timeout: float, meter: CpuMeter
+) -> dict[str, Any]:
+    """`tasks` sent as fast as one producer (in this process) can, then every result: tasks/s, CPU per task."""
     meter.start()
     done, elapsed = await asyncio.to_thread(push, worker.rival, url, worker.queue, payload_bytes, "tp", tasks, timeout)
     cpu = meter.stop()
