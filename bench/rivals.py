@@ -142,13 +142,14 @@ class DramatiqProducer:
         found: dict[str, tuple[float, float]] = {}
         deadline = time.monotonic() + timeout
         channel = self.broker.channel
-        while len(found) < self.sent and time.monotonic() < deadline:
-            method, _, body = channel.basic_get(self.reply_to, auto_ack=True)
-            if method is None:
-                time.sleep(0.01)
-                continue
-            task_id, sent, started = dramatiq_app.reply(body)
-            found[task_id] = (sent, started)
+        # A consumer, not a get per message: the answers stream in as they come.
+        for method, _, body in channel.consume(self.reply_to, auto_ack=True, inactivity_timeout=0.5):
+            if method is not None:
+                task_id, sent, started = dramatiq_app.reply(body)
+                found[task_id] = (sent, started)
+            if len(found) >= self.sent or time.monotonic() > deadline:
+                break
+        channel.cancel()
         self.sent = 0
         return found
 
