@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -91,13 +93,12 @@ class Producers:
         return run, used
 
     async def stop(self) -> None:
+        """An empty line ends each producer, which closes its client (deleting its result queue) first."""
         for child in self.children:
             if child.alive():
-                try:
+                with contextlib.suppress(OSError):
                     child.write_line("")
-                except OSError:
-                    continue
-        await self.procs.stop(self.children, grace=10.0)
+        await asyncio.gather(*(child.stop(grace=10.0, sig=None) for child in self.children))
         self.children = []
 
 
