@@ -1,4 +1,4 @@
-"""Benchmarks of the whole dispatch path against a real broker, side by side with Celery.
+"""Benchmarks of the whole dispatch path against a real broker, side by side with Celery and Dramatiq.
 
     python -m bench [--quick] [--tasks N] [--workers N] [--record] [--profile DIR]
 

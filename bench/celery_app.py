@@ -1,6 +1,6 @@
 """The Celery side of the benchmark: the same no-op task, on the same broker.
 
-Celery is a benchmark extra (`pip install 'sluicegate[bench]'`), never a runtime dependency: only
+Celery is a benchmark extra (`pip install -e '.[bench]'`), never a runtime dependency: only
 the benchmark imports this module, and only when Celery is installed. The worker is started as
 
     celery -A bench.celery_app worker --pool threads -c 20
