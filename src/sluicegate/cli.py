@@ -175,12 +175,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return demo.result()
 
 
-async def cmd_bench(args: argparse.Namespace) -> int:
-    from sluicegate.bench import run
-
-    return await run(args)
-
-
 def version() -> str:
     try:
         return metadata.version("sluicegate")
@@ -263,11 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
     p.set_defaults(run=cmd_demo)
 
-    from sluicegate.bench.options import add_arguments as add_bench_arguments
-
-    p = add_parser(commands, "bench", "benchmark the dispatch path on the local broker, beside Celery")
-    add_bench_arguments(p)
-    p.set_defaults(run=cmd_bench)
     add_common_everywhere(parser)
     return parser
 
