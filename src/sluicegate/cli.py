@@ -91,6 +91,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         send_lock_timeout=args.send_lock_timeout,
         ack_timeout=args.ack_timeout,
         drain_grace=args.drain_grace,
+        insecure=args.insecure,
     )
     stop = _stop_on_signals()
     dispatcher = Dispatcher(settings, _broker(args), lifecycle_settings=load(LifecycleSettings))
@@ -239,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send-lock-timeout", help="e.g. 250ms")
     p.add_argument("--ack-timeout", help="e.g. 5s")
     p.add_argument("--drain-grace", help="e.g. 10s")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="listen beyond loopback without TLS and credentials (SLUICEGATE_DISPATCHER_INSECURE)",
+    )
     p.set_defaults(run=cmd_dispatcher)
 
     p = commands.add_parser("worker", help="run a demo worker (actions echo, sleep, fail)")
@@ -276,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sluicegate.cli_records import add_commands as add_record_commands
 
     add_record_commands(commands)
+
+    from sluicegate.cli_token import add_commands as add_token_commands
+
+    add_token_commands(commands)
 
     p = commands.add_parser("demo", help="run the whole pipeline locally with a worker that stalls")
     p.add_argument("--workers", type=int, default=4)

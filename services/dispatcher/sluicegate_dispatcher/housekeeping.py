@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 from aio_pika.abc import AbstractExchange
@@ -86,6 +87,7 @@ class StatePublisher:
         self.confirm_timeout, self.heartbeat, self.clock, self.draining = confirm_timeout, heartbeat, clock, draining
         # Starts from the clock so that a restarted dispatcher keeping its id is not taken for stale.
         self.seq = now_ms() * 1000
+        self.epoch = uuid.uuid4().hex  # a seq counts only within one run (a forged one cannot outlast it)
         self._changed = asyncio.Event()
         self._full_at = float("-inf")
         self._was_draining = False
@@ -118,7 +120,12 @@ class StatePublisher:
         draining = self.draining()
         self.seq += 1
         state = messages_pb2.DispatcherState(
-            dispatcher_id=self.dispatcher_id, seq=self.seq, at_ms=now_ms(), draining=draining, delta=not full
+            dispatcher_id=self.dispatcher_id,
+            seq=self.seq,
+            at_ms=now_ms(),
+            draining=draining,
+            delta=not full,
+            epoch=self.epoch,
         )
         for session in list(self.sessions) if full else changed:
             state.workers.append(_worker_state(session, draining))

@@ -287,6 +287,7 @@ class Scheduler:
             keys,
             delta=state.delta,
             gone=state.gone,
+            epoch=state.epoch,
         )
         if applied:
             self._wake.set()
