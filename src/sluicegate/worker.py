@@ -265,6 +265,9 @@ class Worker:
             code = await call.code()
             if code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost("the dispatcher no longer knows this session")
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # The token expired or its key was retired: register again with the token as it is now.
+                raise SessionLost(f"credentials refused ({code.name}: {await call.details()})")
             unavailable = 0 if heard[0] else unavailable + (code == grpc.StatusCode.UNAVAILABLE)
             if unavailable >= 3:
                 # A dead dispatcher never answers NOT_FOUND: without this the worker would retry
