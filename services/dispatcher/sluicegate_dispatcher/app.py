@@ -115,6 +115,7 @@ class Dispatcher:
             heartbeat=s.state_heartbeat.total_seconds(),
             clock=clock,
             draining=lambda: self.draining,
+            user_id=broker.user,
         )
         self.servicer = WorkerServicer(
             settings=EdgeSettings(

@@ -82,8 +82,10 @@ class StatePublisher:
         heartbeat: float,
         clock: Callable[[], float],
         draining: Callable[[], bool],
+        user_id: str | None = None,
     ) -> None:
         self.sessions, self.dispatcher_id, self.topology = sessions, dispatcher_id, topology
+        self.user_id = user_id
         self.confirm_timeout, self.heartbeat, self.clock, self.draining = confirm_timeout, heartbeat, clock, draining
         # Starts from the clock so that a restarted dispatcher keeping its id is not taken for stale.
         self.seq = now_ms() * 1000
@@ -145,6 +147,7 @@ class StatePublisher:
             mandatory=False,
             persistent=False,
             timeout=self.confirm_timeout,
+            user_id=self.user_id,  # what the scheduler checks the publisher by
         )
         self.published += 1
 
