@@ -314,9 +314,10 @@ def test_dispatcher_probes_and_shutdown(render_kustomization: Render, lib: Modul
     assert env["SLUICEGATE_DISPATCHER_LISTEN"]["value"] == "0.0.0.0:50051"
     assert env["SLUICEGATE_DISPATCHER_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
+    # The metrics port answers probes: the kubelet's gRPC probe cannot speak TLS to the gRPC port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051, probe
-    assert container["readinessProbe"]["grpc"].get("service") == "sluicegate.v1.WorkerService"
+        assert container[probe]["httpGet"]["port"] == "metrics", probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
     # preStop, then the drain, must end before the kubelet's SIGKILL.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -439,3 +440,33 @@ def test_readme_commands_name_real_overlays(lib: ModuleType) -> None:
         if "kubectl apply -k" in line:
             path = shlex.split(line.strip().lstrip("$ "))[-1]
             assert (lib.REPO_ROOT / path / "kustomization.yaml").is_file(), line
+
+
+def test_production_dispatchers_speak_tls_and_want_tokens_and_dev_says_it_does_not(
+    render_kustomization: Render, lib: ModuleType
+) -> None:
+    objects = _objects(render_kustomization, lib, "overlays/production")
+    workloads = _workloads(objects)
+    dispatcher = _one_container(workloads["sluicegate-dispatcher"])
+    env = {k: v.get("value") for k, v in lib.container_env(dispatcher).items()}
+    mounts = {m["name"]: m["mountPath"] for m in dispatcher["volumeMounts"]}
+    volumes = {v["name"]: v for v in workloads["sluicegate-dispatcher"]["spec"]["template"]["spec"]["volumes"]}
+    assert env["SLUICEGATE_DISPATCHER_TLS_CERT"] == f"{mounts['tls']}/tls.crt"
+    assert env["SLUICEGATE_DISPATCHER_TLS_KEY"] == f"{mounts['tls']}/tls.key"
+    assert env["SLUICEGATE_DISPATCHER_AUTH_KEYS"] == f"{mounts['auth-keys']}/keys.json"
+    assert volumes["tls"]["secret"]["secretName"] == "sluicegate-dispatcher-tls"
+    assert volumes["auth-keys"]["secret"]["secretName"] == "sluicegate-auth-keys"
+    assert "SLUICEGATE_DISPATCHER_INSECURE" not in _by_kind(objects, "ConfigMap")["sluicegate-config"]["data"]
+
+    worker = _one_container(workloads["sluicegate-worker"])
+    env = {k: v.get("value") for k, v in lib.container_env(worker).items()}
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    volumes = {v["name"]: v for v in workloads["sluicegate-worker"]["spec"]["template"]["spec"]["volumes"]}
+    assert env["SLUICEGATE_WORKER_TOKEN_FILE"] == f"{mounts['token']}/token"
+    assert env["SLUICEGATE_WORKER_TLS_CA"] == f"{mounts['dispatcher-ca']}/ca.crt"
+    assert volumes["token"]["secret"]["secretName"] == "sluicegate-worker-token"
+    # Workers get the dispatchers' CA, never their private key.
+    assert volumes["dispatcher-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+    dev = _by_kind(_objects(render_kustomization, lib, "overlays/dev"), "ConfigMap")["sluicegate-config"]["data"]
+    assert dev["SLUICEGATE_DISPATCHER_INSECURE"] == "true"

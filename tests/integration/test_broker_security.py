@@ -132,8 +132,11 @@ async def test_roles_over_amqps_and_what_a_client_user_cannot_do(node: Node) -> 
                 publish("default", "sluicegate.tasks", **impostor), "PRECONDITION_FAILED"
             )  # user_id is checked
 
-        # Even a user allowed to publish anywhere (the administrator) is not believed as a publisher.
-        admin = await aio_pika.connect(node.url("sluicegate", tls=False))
+        # Even a user allowed to publish anywhere is not believed as a publisher of state or results.
+        print(await node.broker.ctl("list_users"))
+        await node.broker.ctl("add_user", "mallory", "mallory-dev")
+        await node.broker.ctl("set_permissions", "-p", "/", "mallory", ".*", ".*", ".*")
+        admin = await aio_pika.connect(node.url("mallory", tls=False))
         async with admin:
             channel = await admin.channel(publisher_confirms=True)
             events = await channel.get_exchange("sluicegate.events", ensure=False)
