@@ -17,6 +17,7 @@ from typing import Any
 import aio_pika
 import grpc
 import pytest
+from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from sluicegate import amqp, auth
@@ -144,6 +145,11 @@ async def test_worker_hijack_by_id_or_leaked_session_id_is_refused(stack: Stack,
     assert all(r.output == f"task-{i}".encode() for i, r in enumerate(results))
     assert honest.stats.registrations == 1  # never replaced
     assert honest.stats.reconnects == 0
+    # Counted, so that an operator sees the attempts: no credentials, a forged token (unauthenticated);
+    # a client's token, the honest worker's id, its session (permission denied).
+    assert dispatcher.stats.refused == {"unauthenticated": 2, "permission_denied": 3}
+    exposition = generate_latest(dispatcher.metrics.registry).decode()
+    assert 'sluicegate_calls_refused_total{code="permission_denied"} 3.0' in exposition
 
 
 async def test_a_worker_gets_no_task_of_a_tenant_its_token_does_not_name(stack: Stack, pki: Pki) -> None:

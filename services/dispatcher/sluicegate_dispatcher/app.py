@@ -130,6 +130,7 @@ class Dispatcher:
             forwarder=self.forwarder,
             clock=clock,
             draining=lambda: self.draining,
+            refused=self.stats.refused,
         )
         self.port = 0
         self.draining = False
@@ -171,7 +172,7 @@ class Dispatcher:
         s = self.settings
         guard.check_listen(s)
         credentials = guard.server_credentials(s)
-        checker = guard.interceptor(s)
+        checker = guard.interceptor(s, self.stats.refused)
         self._server = grpc.aio.server(
             interceptors=[*telemetry.grpc_server_interceptors(), *([checker] if checker else [])],
             options=grpc_options(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks credentials on every RPC but the health service's."""
 
     def __init__(
-        self, keys: auth.KeyFile | None, *, certificates: bool, wall_clock: Callable[[], float] = time.time
+        self,
+        keys: auth.KeyFile | None,
+        *,
+        certificates: bool,
+        refused: Counter[str] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys = keys
+        self.refused = refused if refused is not None else Counter()  # by code, for the metrics
         self.certificates = certificates  # client certificates are verified by TLS and name a principal
         self.wall_clock = wall_clock
 
@@ -74,8 +81,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 principal = self.authenticate(context.invocation_metadata(), context.auth_context())
                 auth.authorize(principal, method)
             except Unauthenticated as err:
+                self.refused["unauthenticated"] += 1
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
             except PermissionDenied as err:
+                self.refused["permission_denied"] += 1
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
             token = auth.current.set(principal)
             try:
@@ -117,12 +126,12 @@ def server_credentials(settings: DispatcherSettings) -> grpc.ServerCredentials |
     )
 
 
-def interceptor(settings: DispatcherSettings) -> AuthInterceptor | None:
+def interceptor(settings: DispatcherSettings, refused: Counter[str]) -> AuthInterceptor | None:
     """The guard when credentials are configured, else None (every call is let through)."""
     if not settings.authenticated:
         return None
     keys = auth.KeyFile(settings.auth_keys) if settings.auth_keys is not None else None
-    return AuthInterceptor(keys, certificates=settings.tls_client_ca is not None)
+    return AuthInterceptor(keys, certificates=settings.tls_client_ca is not None, refused=refused)
 
 
 def is_loopback(listen: str) -> bool:

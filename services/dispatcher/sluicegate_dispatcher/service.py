@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -97,9 +98,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         forwarder: Forwarder,
         clock: Callable[[], float],
         draining: Callable[[], bool],
+        refused: Counter[str] | None = None,
     ) -> None:
         self.settings, self.sessions, self.settler, self.reports = settings, sessions, settler, reports
         self.forwarder, self.clock, self.draining = forwarder, clock, draining
+        self.refused = refused if refused is not None else Counter()  # calls denied here, by code
         self._stalls: set[asyncio.Task[None]] = set()
         self.owners = auth.Owners()  # worker id -> the principal that registered it (with credentials on)
 
@@ -114,7 +117,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         tenant = request.tenant or "default"
         check_tenant(tenant)
         principal = auth.current.get()
-        auth.check_tenant(principal, tenant)
         if not request.actions:
             raise InvalidInput("a worker must serve at least one action")
         if len(request.actions) > MAX_ACTIONS:
@@ -129,7 +131,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise InvalidInput(f"action_options names {action[:128]!r}, which the worker does not serve")
             check_action_options(action, options)
         worker_id = request.worker_id or f"worker-{uuid.uuid4().hex[:12]}"
-        self.owners.claim(worker_id, principal)  # before anything changes: an impostor replaces nothing
+        try:
+            auth.check_tenant(principal, tenant)
+            self.owners.claim(worker_id, principal)  # before anything changes: an impostor replaces nothing
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         session, previous = self.sessions.register(
             worker_id=worker_id,
             tenant=tenant,
@@ -163,7 +170,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if first is EOF:
             raise InvalidInput("a session stream starts with a message naming the session")
         session = self.sessions.session(first.worker_id, first.session_id)
-        self.owners.check(session.worker_id, auth.current.get())  # a leaked session id is not enough
+        try:
+            self.owners.check(session.worker_id, auth.current.get())  # a leaked session id is not enough
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
         stream = WorkerStream(
