@@ -203,6 +203,25 @@ def test_every_role_connects_as_its_own_broker_user_and_trusts_only_the_services
                       "read": "^result\\.[0-9a-f]{32}$"}  # fmt: skip
 
 
+def test_the_definitions_file_is_what_the_tool_writes_with_the_demo_passwords(lib: ModuleType) -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "broker_definitions", lib.REPO_ROOT / "scripts" / "broker_definitions.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    committed = json.loads(lib.DEFINITIONS.read_text(encoding="utf-8"))
+    demo = {u["name"]: (u["name"] if "administrator" in u["tags"] else f"{u['name']}-dev") for u in committed["users"]}
+    fresh = tool.definitions(demo)
+    assert {k: v for k, v in committed.items() if k != "users"} == {k: v for k, v in fresh.items() if k != "users"}
+    for user in committed["users"]:
+        assert tool.password_matches(demo[user["name"]], user["password_hash"]), user["name"]
+
+
 def test_dispatchers_say_they_run_without_tls_in_the_demo(compose: dict[str, Any]) -> None:
     for name, svc in _services_with_role(compose, "dispatcher").items():
         assert _env(svc)["SLUICEGATE_DISPATCHER_INSECURE"] == "true", f"{name} listens beyond loopback"
