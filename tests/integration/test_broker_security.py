@@ -132,8 +132,21 @@ async def test_roles_over_amqps_and_what_a_client_user_cannot_do(node: Node) -> 
                 publish("default", "sluicegate.tasks", **impostor), "PRECONDITION_FAILED"
             )  # user_id is checked
 
+        # The recorder's user (also `sluicegate migrate`'s) declares and reads its queue, and nothing else.
+        recorder = await amqp.connect_broker(node.settings("sluicegate-recorder"))
+        async with recorder:
+            channel = await recorder.channel()
+            lifecycle = await amqp.declare_lifecycle_queue(channel, amqp.Topology("sluicegate"))
+
+            async def take(message: Any) -> None:
+                await message.ack()
+
+            await lifecycle.consume(take)
+            channel = await recorder.channel()
+            queue = await channel.get_queue("sluicegate.lifecycle", ensure=False)
+            assert await refused(queue.bind("sluicegate.events", routing_key="state.#"))
+
         # Even a user allowed to publish anywhere is not believed as a publisher of state or results.
-        print(await node.broker.ctl("list_users"))
         await node.broker.ctl("add_user", "mallory", "mallory-dev")
         await node.broker.ctl("set_permissions", "-p", "/", "mallory", ".*", ".*", ".*")
         admin = await aio_pika.connect(node.url("mallory", tls=False))
