@@ -1,6 +1,6 @@
 # One command runner for people, CI and the README.
 PYTHON ?= .venv/bin/python
-LINTED := src services tests scripts deploy
+LINTED := src services tests scripts deploy bench
 
 .PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean \
 	docker-engine docker-images image-test compose-test test-containers docker-stop docker-clean
@@ -36,8 +36,9 @@ test-unit: venv
 test-integration: venv
 	$(PYTHON) -m pytest tests/integration
 
+# With no broker answering at RABBITMQ_URL, a throw-away one is started (and removed) for the demo.
 demo: venv
-	.venv/bin/sluicegate demo
+	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
 
 chaos: venv docker-images
 	$(PYTHON) scripts/chaos.py
@@ -77,7 +78,7 @@ docker-clean:
 	python3 scripts/containers.py clean
 
 bench: venv .venv/.bench-installed
-	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 .venv/.bench-installed: pyproject.toml
 	.venv/bin/pip install --quiet -e '.[bench]'

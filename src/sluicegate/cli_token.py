@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from sluicegate import auth
+from sluicegate.cli_base import add_parser
 from sluicegate.durations import parse_duration
 from sluicegate.errors import InvalidInput
 
 KEYS_VARIABLES = ("SLUICEGATE_AUTH_KEYS", "SLUICEGATE_DISPATCHER_AUTH_KEYS")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags are one line and exit code 2, as every other bad input of the CLI."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"sluicegate: {self.prog.removeprefix('sluicegate ')}: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _keys_path(given: str | None) -> Path:
@@ -57,18 +49,20 @@ async def cmd_new_key(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    p = commands.add_parser("token", help="issue tokens and manage the key set that signs them")
-    sub = p.add_subparsers(dest="token_command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    p = add_parser(commands, "token", "issue tokens for workers, clients and operators; manage the keys that sign them")
+    sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
 
-    issue = sub.add_parser("issue", help="print a signed token (one line)")
-    issue.add_argument("--role", required=True, choices=auth.ROLES)
-    issue.add_argument("--tenant", action="append", help="a tenant it may act for (repeatable; operators: all)")
-    issue.add_argument("--ttl", default="30d", help="lifetime, e.g. 12h or 30d (default 30d)")
+    issue = add_parser(sub, "issue", "print a signed token (one line)")
+    issue.add_argument("--role", required=True, choices=auth.ROLES, help="what it may do (required, no default)")
+    issue.add_argument(
+        "--tenant", action="append", help="a tenant it may act for, repeatable (default: none; operators: all)"
+    )
+    issue.add_argument("--ttl", default="30d", help="lifetime, e.g. 12h or 30d")
     issue.add_argument("--principal", help="who it names (default: the role and a random suffix)")
-    issue.add_argument("--keys", help="key set file (default SLUICEGATE_AUTH_KEYS)")
+    issue.add_argument("--keys", help="key set file (default: SLUICEGATE_AUTH_KEYS)")
     issue.set_defaults(run=cmd_issue)
 
-    new_key = sub.add_parser("new-key", help="add a random key to the key set (created if absent); new tokens use it")
+    new_key = add_parser(sub, "new-key", "add a random key to the key set (created if absent); new tokens use it")
     new_key.add_argument("--kid", help="its id (default: k and the time)")
-    new_key.add_argument("--keys", help="key set file (default SLUICEGATE_AUTH_KEYS)")
+    new_key.add_argument("--keys", help="key set file (default: SLUICEGATE_AUTH_KEYS)")
     new_key.set_defaults(run=cmd_new_key)

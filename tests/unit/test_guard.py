@@ -25,17 +25,17 @@ def test_loopback_addresses(listen: str, loopback: bool) -> None:
 
 def test_beyond_loopback_needs_tls_and_credentials_or_insecure(tmp_path: Path) -> None:
     cert, key, keys = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "keys.json"
-    guard.check_listen(DispatcherSettings(listen="127.0.0.1:0"))
+    guard.check_exposure(DispatcherSettings(listen="127.0.0.1:0"))
     for settings, missing in (
         (DispatcherSettings(listen="0.0.0.0:0"), "without TLS and credentials"),
         (DispatcherSettings(listen="0.0.0.0:0", tls_cert=cert, tls_key=key), "without credentials"),
         (DispatcherSettings(listen="0.0.0.0:0", auth_keys=keys), "without TLS:"),
     ):
         with pytest.raises(InvalidInput, match=missing):
-            guard.check_listen(settings)
-    guard.check_listen(DispatcherSettings(listen="0.0.0.0:0", tls_cert=cert, tls_key=key, auth_keys=keys))
-    guard.check_listen(DispatcherSettings(listen="0.0.0.0:0", tls_cert=cert, tls_key=key, tls_client_ca=cert))
-    guard.check_listen(DispatcherSettings(listen="0.0.0.0:0", insecure=True))
+            guard.check_exposure(settings)
+    guard.check_exposure(DispatcherSettings(listen="0.0.0.0:0", tls_cert=cert, tls_key=key, auth_keys=keys))
+    guard.check_exposure(DispatcherSettings(listen="0.0.0.0:0", tls_cert=cert, tls_key=key, tls_client_ca=cert))
+    guard.check_exposure(DispatcherSettings(listen="0.0.0.0:0", insecure=True))
 
 
 def test_tls_settings_that_do_not_go_together_are_refused(tmp_path: Path) -> None:

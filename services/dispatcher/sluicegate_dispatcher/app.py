@@ -18,6 +18,7 @@ from sluicegate import amqp, lifecycle, telemetry
 from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
+from sluicegate.setup_checks import check_listen
 from sluicegate.v1 import worker_pb2, worker_pb2_grpc
 from sluicegate.wire import grpc_options
 from sluicegate_dispatcher import guard
@@ -170,7 +171,8 @@ class Dispatcher:
             raise RuntimeError(f"dispatcher is {self._state}")
         self._state = "starting"
         s = self.settings
-        guard.check_listen(s)
+        check_listen(s.listen, "the gRPC address")  # a bad or taken address is said first
+        guard.check_exposure(s)  # then whether it may be reached from beyond this machine
         credentials = guard.server_credentials(s)
         checker = guard.interceptor(s, self.stats.refused)
         self._server = grpc.aio.server(
@@ -294,6 +296,7 @@ class Dispatcher:
 
 def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Bind the gRPC port (never shared: reuse-port is off); a taken or bad address is one clear error."""
+    check_listen(listen, "the gRPC address")  # first, so grpc's own error lines are never reached
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError as err:

@@ -144,7 +144,7 @@ def is_loopback(listen: str) -> bool:
         return False  # a host name, or all interfaces
 
 
-def check_listen(settings: DispatcherSettings) -> None:
+def check_exposure(settings: DispatcherSettings) -> None:
     """Refuse an address beyond loopback without TLS and credentials, unless told `insecure`."""
     if is_loopback(settings.listen) or (settings.tls and settings.authenticated):
         return
