@@ -200,6 +200,69 @@ def test_a_session_that_ends_forgets_unconfirmed_parks_so_their_redelivery_is_ta
     assert core.to_ack == [again]
 
 
+def test_an_assignment_in_flight_when_the_session_ends_comes_again_as_the_same_attempt_to_the_same_worker() -> None:
+    """Its publish may have reached the dispatcher: the copy must be one that dispatcher recognises
+    (same attempt, same worker), never a next attempt that runs beside the first."""
+    core, _ = make_core()
+    workers(core, ("w1", 1), ("w2", 4))
+    submit(core, [task(1), task(2)])
+    core.round()
+    (destination,) = core.outbox.ready()
+    in_flight = core.outbox.take(destination)  # published; the broker goes away before confirming
+    sent_to = {e.body.task.task_id: e.body.worker_id for e in in_flight}
+    core.end_session()
+    workers(core, ("w1", 4), ("w2", 4))  # whoever has room now
+    core.take_tasks([task(1), task(2)], amqp.Delivery(object(), 2), redelivered=True)
+    core.round()
+    again = flush(core)
+    if parked := [e for e in again if e.kind == Kind.PARK]:  # behind its lane's backlog: read back from there
+        lane = core.book.lane_for(task(1))
+        core.take_parked([e.body for e in parked], amqp.Delivery(object(), len(parked)), Origin.LANE, lane)
+        core.round()
+        again = flush(core)
+    assert sorted(
+        (e.body.task.task_id, e.body.attempt, e.body.worker_id) for e in again if e.kind == Kind.ASSIGN
+    ) == sorted((t, 1, w) for t, w in sent_to.items())
+    assert core.stats.duplicate_tasks == 0
+
+
+def test_a_redelivered_task_nobody_here_sent_runs_as_the_next_attempt() -> None:
+    core, _ = make_core()
+    workers(core, ("w1", 4))
+    core.take_tasks([task(1)], amqp.Delivery(object(), 1), redelivered=True)
+    core.round()
+    assert [e.body.attempt for e in flush(core) if e.kind == Kind.ASSIGN] == [2]
+
+
+def test_a_park_in_flight_when_the_session_ends_is_continued_as_the_same_attempt_by_either_copy() -> None:
+    """The park may have reached its lane: the intake's redelivery and the lane's copy are the same
+    attempt, so whichever comes second is a duplicate - never a second attempt that runs beside it."""
+    core, _ = make_core()
+    submit(core, [task(1, action="b")])  # nobody serves b yet: parked
+    core.round()
+    lanes_ready(core)
+    (destination,) = core.outbox.ready()
+    (park,) = core.outbox.take(destination)  # published to the lane, its confirm lost
+    core.end_session()
+    workers(core, ("w1", 4), action="b")
+    core.take_tasks([task(1, action="b")], amqp.Delivery(object(), 1), redelivered=True)
+    core.round()
+    lanes_ready(core)
+    placed = flush(core)
+    if parked := [e for e in placed if e.kind == Kind.PARK]:  # behind its lane's backlog: read back from there
+        core.take_parked(
+            [e.body for e in parked], amqp.Delivery(object(), 1), Origin.LANE, core.book.lane_for(park.body.task)
+        )
+        core.round()
+        placed = flush(core)
+    assert [e.body.attempt for e in placed if e.kind == Kind.ASSIGN] == [1]
+    lane_copy = amqp.Delivery(object(), 1)
+    core.take_parked([park.body], lane_copy, Origin.LANE, core.book.lane_for(park.body.task))  # the lane had it too
+    core.round()
+    assert [e for e in flush(core) if e.kind == Kind.ASSIGN] == [], "the lane's copy is a duplicate"
+    assert lane_copy in core.to_ack
+
+
 # Order: priority, then fairness, then first in first out.
 
 
@@ -426,3 +489,23 @@ def test_past_max_lanes_keyed_tasks_share_an_overflow_lane_that_looks_past_a_blo
     workers(core, ("w1", 10))
     core.round()
     assert sorted(t for t, _ in assigned(flush(core))) == ["task-0", "task-2"]
+
+
+def test_an_assignment_whose_confirm_was_lost_goes_to_the_same_worker_again_even_after_the_session_ends() -> None:
+    core, _ = make_core()
+    workers(core, ("w1", 1), ("w2", 4))
+    submit(core, [task(1)])
+    core.round()
+    (first,) = assigned(flush(core, ok=False))  # published, its confirm lost
+    workers(core, ("w1", 4), ("w2", 4))
+    core.round()
+    assert assigned(flush(core, ok=False)) == [first], "the same worker, while the session lasts"
+    core.end_session()
+    core.take_tasks([task(1)], amqp.Delivery(object(), 1), redelivered=True)
+    core.round()
+    again = flush(core)
+    if parked := [e for e in again if e.kind == Kind.PARK]:
+        core.take_parked([e.body for e in parked], amqp.Delivery(object(), 1), Origin.LANE, core.book.lane_for(task(1)))
+        core.round()
+        again = flush(core)
+    assert [(e.body.worker_id, e.body.attempt) for e in again if e.kind == Kind.ASSIGN] == [(first[1], 1)]

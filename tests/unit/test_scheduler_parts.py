@@ -138,7 +138,9 @@ def test_a_batch_is_cut_by_bytes_and_a_failed_one_goes_again_first_in_order() ->
     outbox.put_back((Kind.PARK, "lane"), batch)
     outbox.sent((Kind.PARK, "lane"))
     assert outbox.take((Kind.PARK, "lane")) == entries[:2]
-    assert len(outbox.clear()) == 4, "in flight or queued, nothing is forgotten"
+    cleared = outbox.clear()
+    assert [e for e, _ in cleared] == entries, "in flight or queued, nothing is forgotten"
+    assert [flying for _, flying in cleared] == [True, True, False, False], "and which were on their way"
 
 
 # Lane names.

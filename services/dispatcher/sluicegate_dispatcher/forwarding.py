@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -275,7 +276,10 @@ class Forwarder:
 
 def _still_open(delivery: Delivery) -> bool:
     """Whether the channel a delivery came on is still open, so it can still be acked."""
-    channel = getattr(delivery.message, "channel", None)
+    try:
+        channel = getattr(delivery.message, "channel", None)
+    except aiormq.exceptions.ChannelInvalidStateError:  # aio-pika's answer once that channel is gone
+        return False
     return channel is not None and not getattr(channel, "is_closed", True)
 
 

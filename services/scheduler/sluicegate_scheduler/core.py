@@ -250,6 +250,7 @@ class Core:
         """
         if redelivered and self.ledger.standing(item.key) is None:
             item.attempt += 1
+        item.home = self.ledger.home(item.key)
 
     def _seen(self, item: Pending) -> bool:
         """Settle a copy that is not new; True if it was one."""
@@ -505,11 +506,16 @@ class Core:
 
     def end_session(self) -> None:
         """The broker connection is gone: unsettled deliveries come again, so forget what they carried."""
-        for entry in self.outbox.clear():
+        for entry, flying in self.outbox.clear():
             if entry.kind == Kind.ASSIGN:
                 self.placement.undo(entry)
+                if flying and entry.item is not None:
+                    self.ledger.sent(entry.item.key, entry.body.worker_id)
             elif entry.kind in (Kind.PARK, Kind.DELAY) and entry.item is not None:
-                self.ledger.forget(entry.item.key)  # maybe never parked: its delivery decides again
+                if flying:  # maybe parked: its delivery comes again as the same attempt as the lane's copy
+                    self.ledger.sent(entry.item.key, "")
+                else:  # never parked: its delivery decides again
+                    self.ledger.forget(entry.item.key)
         self.book.clear_held()
         self.ledger.forget_held()
         self._arrivals.clear()

@@ -40,6 +40,7 @@ class Pending:
     size: int = 0  # bytes of the task on the wire: memory is bounded by bytes
     holder: Any = None  # the lane holding it in memory, if any
     hold_until: float = 0.0  # a requeued item held ahead of its lane is parked after this
+    home: str = ""  # the worker an unconfirmed publish of this attempt went to: it goes there again
 
     @property
     def key(self) -> tuple[str, int]:

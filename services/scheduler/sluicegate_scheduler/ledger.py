@@ -22,6 +22,7 @@ class Standing(Enum):
     HELD = "held"  # in memory, its delivery not settled yet
     PARKED = "parked"  # in a lane or on the delay ladder: its continuation comes from there
     PLACED = "placed"  # published to a dispatcher and confirmed
+    SENT = "sent"  # published, its confirm lost: it may be at its dispatcher, or in its lane
     BURIED = "buried"  # ended without running here (dead, rejected, expired, cancelled)
 
 
@@ -41,6 +42,7 @@ class Ledger:
         self._remember = remember
         self._track = track_deadlines
         self._standing: OrderedDict[Key, Standing] = OrderedDict()
+        self._homes: OrderedDict[Key, str] = OrderedDict()  # SENT items: the worker it was sent to
         self._deadlines: list[tuple[int, Key]] = []  # (deadline ms, key) of items that wait
         self.duplicates = 0
 
@@ -55,7 +57,7 @@ class Ledger:
         known = self._standing.get(key)
         if known is Standing.BURIED:
             return Verdict.DROP
-        legit = known is None or (known is Standing.PARKED and origin in CONTINUATIONS)
+        legit = known is None or known is Standing.SENT or (known is Standing.PARKED and origin in CONTINUATIONS)
         if not legit:
             self.duplicates += 1
             return Verdict.DUPLICATE
@@ -72,9 +74,27 @@ class Ledger:
 
     def placed(self, key: Key) -> None:
         self._set(key, Standing.PLACED)
+        self._homes.pop(key, None)
+
+    def sent(self, key: Key, worker_id: str) -> None:
+        """Published when a session ended, unconfirmed: its delivery comes again as the same attempt,
+        and goes to the same worker, whose dispatcher recognises a copy of what it already has."""
+        self._set(key, Standing.SENT)
+        if worker_id:
+            self._homes[key] = worker_id
+            self._homes.move_to_end(key)
+            while len(self._homes) > self._remember:
+                self._homes.popitem(last=False)
+
+    def home(self, key: Key) -> str:
+        """The worker an unconfirmed publish of this attempt went to, until it is placed or ends ("" if none).
+
+        Kept while the copy is parked and read back from its lane, too."""
+        return self._homes.get(key, "")
 
     def buried(self, key: Key) -> None:
         self._set(key, Standing.BURIED)
+        self._homes.pop(key, None)
 
     def released(self, key: Key) -> None:
         """A held item was let go unsettled (its delivery will come again): forget it."""

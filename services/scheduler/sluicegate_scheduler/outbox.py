@@ -107,8 +107,13 @@ class Outbox:
         queue = self._queues.pop(destination, None)
         return list(queue.entries) if queue else []
 
-    def clear(self) -> list[Entry]:
-        """A broker session ended: nothing in here will be confirmed. Returns every entry, in flight or not."""
-        entries = [e for q in self._queues.values() for e in (*q.in_flight, *q.entries)]
+    def clear(self) -> list[tuple[Entry, bool]]:
+        """A broker session ended: nothing in here will be confirmed. Returns every entry, with whether
+        it was in flight (published, its confirm lost: it may have arrived) or never sent."""
+        entries = [(e, flying) for q in self._queues.values() for e, flying in _both(q)]
         self._queues.clear()
         return entries
+
+
+def _both(queue: _Queue) -> list[tuple[Entry, bool]]:
+    return [(e, True) for e in queue.in_flight] + [(e, False) for e in queue.entries]

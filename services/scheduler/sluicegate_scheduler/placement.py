@@ -100,6 +100,7 @@ class Placement:
                     continue
                 return False
             sticky = self._sticky.get((task.tenant, task.sticky_key), "") if task.sticky_key else ""
+            sticky = item.home or sticky  # where this very attempt may already be
             preferred = [(p.key, p.value, p.weight) for p in task.preferred] if task.preferred else ()
             worker = core.pool.pick(
                 task.tenant,
@@ -182,7 +183,9 @@ class Placement:
                 core.done(entry.item.source)
 
     def failed(self, dispatcher_id: str, batch: Sequence[Entry], *, unroutable: bool) -> None:
-        """Not placed after all: back to the front of their lanes. An unroutable inbox means that dispatcher is gone."""
+        """Not confirmed: back to the front of their lanes. An unroutable inbox means that dispatcher is gone;
+        any other failure may have delivered them, so each goes to the same worker again as the same
+        attempt, where the dispatcher recognises a copy of what it holds or settled."""
         core = self._core
         if unroutable:
             core.stats.unroutable_assignments += len(batch)
@@ -190,6 +193,9 @@ class Placement:
         for entry in reversed(batch):
             self.undo(entry)
             if entry.item is not None:
+                if not unroutable:  # a lost confirm: it may be at that dispatcher, so it goes there again
+                    entry.item.home = entry.body.worker_id
+                    core.ledger.sent(entry.item.key, entry.body.worker_id)
                 core.held_again(entry.item)
 
     def undo(self, entry: Entry) -> None:

@@ -257,17 +257,20 @@ class Session:
         batch = self.core.outbox.take(destination)
         try:
             await self._publish_batch(kind, name, batch)
+        except asyncio.CancelledError:
+            # The session is ending: the batch stays in flight, where end_session finds it (it may
+            # have arrived, so its deliveries come again as the same attempts).
+            raise
         except Unroutable:
             self.core.failed(kind, name, batch, unroutable=True)
-        except PublishError as err:
-            log.warning("%s publish to %s not confirmed (%s); trying again", kind.value, name, err)
+        except Exception as err:  # PublishError, or a channel or connection closed under it: maybe arrived
+            log.warning("%s publish to %s not confirmed (%r); trying again", kind.value, name, err)
             self.core.failed(kind, name, batch)
             await asyncio.sleep(0.2)
         else:
             self.core.confirmed(kind, name, batch)
-        finally:
-            self.core.outbox.sent(destination)
-            self.wake.set()
+        self.core.outbox.sent(destination)
+        self.wake.set()
 
     async def _publish_batch(self, kind: Kind, name: str, batch: list[Entry]) -> None:
         body = BATCH_TYPES[kind]([e.body for e in batch]).SerializeToString()
