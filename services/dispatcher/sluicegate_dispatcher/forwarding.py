@@ -13,6 +13,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from sluicegate import telemetry
+from sluicegate.bodies import first_of_each
 from sluicegate.errors import InvalidInput, LockTimeout, NoFreeSlot, NotConnected, StreamBroken
 from sluicegate.expiry import is_expired
 from sluicegate.reasons import Reason
@@ -66,9 +67,16 @@ class Forwarder:
         if delivery.pending == 0:
             await self.settler.settle_message(message, ok=True)
             return
+        # One attempt twice in one message would take its lease twice: the second would replace the
+        # first, whose slot and share of the delivery no one would give back. A copy is settled here.
+        assignments, copies = first_of_each(batch.assignments)
+        for copy in copies:
+            self.stats.duplicate_assignments += 1
+            self.sessions.count_received(copy.worker_id, copy.session_id)  # the scheduler counted its publish
+            await self.settler.item_done(delivery)
         # Assignments for the same worker session go out in one stream write.
         groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
-        for assignment in batch.assignments:
+        for assignment in assignments:
             if not await self._seen_before(assignment, delivery):
                 groups.setdefault((assignment.worker_id, assignment.session_id), []).append(assignment)
         await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))

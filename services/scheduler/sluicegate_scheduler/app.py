@@ -23,7 +23,9 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 
 from sluicegate import amqp, lifecycle
-from sluicegate.errors import PublishError
+from sluicegate.bodies import check_state
+from sluicegate.errors import InvalidInput, PublishError
+from sluicegate.ratelimit import QuietLog
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
 from sluicegate_scheduler.assignment import WorkerReport
@@ -86,6 +88,7 @@ class Scheduler:
         self.core.recording = lambda: self.lifecycle.wanted
         self.pool = self.core.pool
         self.stats = self.core.stats
+        self._bad_state = QuietLog(log, interval=10.0)
         self.clock = clock
         self.metrics = SchedulerMetrics(self)
         self.leading = asyncio.Event()
@@ -260,7 +263,14 @@ class Scheduler:
         try:
             state = messages_pb2.DispatcherState.FromString(message.body)
         except DecodeError:
-            log.warning("ignoring a worker-state message that does not decode")
+            self.core.stats.invalid_states += 1
+            self._bad_state(self.clock(), "ignoring a worker-state message that does not decode")
+            return
+        try:
+            check_state(state)
+        except InvalidInput as err:
+            self.core.stats.invalid_states += 1
+            self._bad_state(self.clock(), "ignoring a worker-state message no dispatcher would send: %s", err)
             return
         reports = [
             WorkerReport(
@@ -274,6 +284,7 @@ class Scheduler:
                 ready=w.ready,
                 received=w.received,
                 prefetch=w.prefetch,
+                principal=w.principal,
             )
             for w in state.workers
         ]

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from google.protobuf.message import DecodeError
 
 from sluicegate import amqp
+from sluicegate.bodies import valid_cancels
 from sluicegate.errors import PublishError, Unroutable
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
@@ -164,6 +165,8 @@ class Session:
     def _on_cancels(self, cancels: list[messages_pb2.Cancel]) -> None:
         if not self.alive:
             return
+        cancels, bad = valid_cancels(cancels)
+        self.core.stats.invalid_cancels += bad
         for cancel in cancels:
             self.core.cancel(cancel.task_id, cancel.reason)
         self.wake.set()

@@ -830,6 +830,7 @@ class WorkerState(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     tenant: _builtins.str
@@ -841,6 +842,8 @@ class WorkerState(_message.Message):
     """assignments for this session the dispatcher has consumed"""
     prefetch: _builtins.int
     """of free_slots, how many only queue at the dispatcher (not idle slots)"""
+    principal: _builtins.str
+    """who stands behind the session: a stall cools all of its sessions"""
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -858,10 +861,11 @@ class WorkerState(_message.Message):
         ready: _builtins.bool = ...,
         received: _builtins.int = ...,
         prefetch: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "prefetch", b"prefetch", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
