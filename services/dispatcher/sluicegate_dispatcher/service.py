@@ -90,17 +90,31 @@ def edge(method: Handler[R]) -> Handler[R]:
         except SluicegateError as err:
             if isinstance(err, Undecodable):
                 self.undecodable(self.clock(), "%s: %s", method.__name__, err)
-            await context.abort(_status_for(err), str(err))
+            await _abort(context, _status_for(err), str(err))
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error")
+        return None  # type: ignore[return-value]  # the status could not be sent: the call ends without it
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> None:
+    """End the call with `code`; raises AbortError as grpc expects, unless the status cannot be sent now.
+
+    A write still pending on the stream (a worker that does not read) keeps the status from being
+    sent; the call then ends when the worker reads again or its connection drops.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.debug("could not end a call with %s: a write is still pending", code.name)
 
 
 def _copied(options: messages_pb2.ActionOptions) -> messages_pb2.ActionOptions:
@@ -232,26 +246,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             previous.end("replaced by a newer stream")
         self.forwarder.kick(session)  # what waited in its queue while it had no stream
         self.reports.retell(session)  # what it must stop, told again on the new stream
-        self._handle(session, stream, first)
-        reader = asyncio.create_task(self._read(session, stream, context))
-        ended = asyncio.create_task(stream.ended.wait())
+        failure: BaseException | None = None
+        reader: asyncio.Task[None] | None = None
+        ended: asyncio.Task[bool] | None = None
         try:
-            await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
+            try:
+                self._handle(session, stream, first)
+            except SluicegateError as err:  # the first message was too much already: nothing was applied
+                failure = err
+            else:
+                reader = asyncio.create_task(self._read(session, stream, context))
+                ended = asyncio.create_task(stream.ended.wait())
+                await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (reader, ended):
-                task.cancel()
+                if task is not None:
+                    task.cancel()
             self.sessions.detach(session, stream, self.clock())
-        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        if reader is not None and reader.done() and not reader.cancelled():
+            failure = reader.exception()
+        # A write in flight first: a status sent meanwhile would fail (too many operations on the call).
+        await stream.quiesce(self.settings.lock_timeout)
         if isinstance(failure, SluicegateError):
             raise failure
-        try:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, stream.reason or "stream ended")
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            # A write still pending on a stalled stream keeps the status from being sent; the
-            # call ends when the worker reads again or its connection drops.
-            log.debug("could not end the stream of %s cleanly", session.worker_id)
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, stream.reason or "stream ended")
 
     async def _read(
         self, session: WorkerSession, stream: WorkerStream, context: grpc.aio.ServicerContext[Any, Any]
