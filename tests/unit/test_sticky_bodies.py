@@ -147,3 +147,27 @@ def test_a_stall_cools_every_session_of_its_principal_not_only_the_worker() -> N
     assert pool.pick("t", "a", {}, now=10.0) is not None
     picks = {pool.pick("t", "a", {}, now=10.0).worker_id for _ in range(6)}  # type: ignore[union-attr]
     assert picks == {"bad-1", "bad-2", "good"}, "the cooldown ends"
+
+
+def test_a_tenant_past_its_waiting_limit_gets_rejected_results_and_other_tenants_do_not() -> None:
+    core, clock = make_core(max_waiting_per_tenant=2)
+    taken = submit(core, [task(1), task(2)])
+    refused = submit(core, [task(3)])
+    other = submit(core, [task(4, tenant="t2")])
+    core.round()
+    entries = flush(core)
+    results = [e.body for e in entries if e.kind == Kind.RESULT]
+    assert [(r.task_id, r.status) for r in results] == [("task-3", messages_pb2.TASK_STATUS_REJECTED)]
+    assert "has 2 tasks waiting" in results[0].error
+    assert {e.body.task.task_id for e in entries if e.kind == Kind.PARK} == {"task-1", "task-2", "task-4"}
+    assert refused in core.to_ack
+    assert taken in core.to_ack
+    assert other in core.to_ack
+    # Once its lane drains the tenant may submit again, the refused id too.
+    for lane in core.book:
+        lane.taken(lane.parked or 0)
+    clock.now += 1.0
+    again = submit(core, [task(3)])
+    core.round()
+    assert [e.kind for e in flush(core)] == [Kind.PARK]
+    assert again in core.to_ack

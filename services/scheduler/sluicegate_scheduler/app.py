@@ -55,6 +55,7 @@ def core_config(settings: SchedulerSettings, prefix: str) -> Config:
         max_dispatch_attempts=settings.max_dispatch_attempts,
         max_payload_bytes=settings.max_payload_bytes,
         max_lanes=settings.max_lanes,
+        max_waiting_per_tenant=settings.max_waiting_per_tenant,
         requeue_hold=settings.requeue_hold.total_seconds(),
         worker_cooldown=settings.worker_cooldown.total_seconds(),
         lane_idle=settings.lane_idle.total_seconds(),

@@ -28,7 +28,7 @@ from sluicegate_scheduler.assignment import WorkerPool
 from sluicegate_scheduler.burial import Burial
 from sluicegate_scheduler.delays import rung_for
 from sluicegate_scheduler.items import Origin, Pending, from_parked, to_parked
-from sluicegate_scheduler.lanes import Lane, LaneBook, arrival
+from sluicegate_scheduler.lanes import Lane, LaneBook, TenantCounts, arrival
 from sluicegate_scheduler.ledger import Ledger, Standing, Verdict
 from sluicegate_scheduler.limits import ConcurrencyLimits, RateLimits, Weights
 from sluicegate_scheduler.outbox import Entry, Kind, Outbox
@@ -49,6 +49,7 @@ class Config:
     max_dispatch_attempts: int = 5
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_lanes: int = 1000
+    max_waiting_per_tenant: int = 0  # tasks of one tenant waiting here or in its lanes; past it, REJECTED (0: none)
     lane_scan: int = 32  # how far past a blocked head a lane is searched for a task that can go
     hold_ms: int = 200  # the last stretch of a delay shorter than this is waited in memory
     requeue_hold: float = 1.0  # a requeued attempt waits this long ahead of its lane, then is parked
@@ -99,6 +100,7 @@ class Core:
         self._warned: set[tuple[str, str]] = set()  # (tenant, action) waiting for anyone to serve it
         self.delayed = 0
         self.task_ids = TaskIds()  # what each recent id was submitted with: a reused id is refused
+        self.tenants = TenantCounts(config.max_waiting_per_tenant)
 
     # What the shell consumed.
 
@@ -121,6 +123,11 @@ class Core:
                     messages_pb2.Requeue(reason=Reason.INVALID.value, detail=str(err), at_ms=self.wall())
                 )
                 self.burial.bury(item, messages_pb2.TASK_STATUS_REJECTED)
+                continue
+            if not self.tenants.admit(task.tenant, self.book, self.clock()):
+                self.ledger.forget(item.key)  # never taken: the same task submitted later is new
+                detail = f"tenant {task.tenant} has {self.tenants.limit} tasks waiting already; submit again later"
+                self.burial.refuse(item, Reason.OVER_LIMIT, detail)
                 continue
             item.not_before_ms = task.run_at_ms
             if self.recording():
