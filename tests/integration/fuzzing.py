@@ -25,6 +25,8 @@ NAMES = st.one_of(
     st.text(alphabet=string.ascii_letters + string.digits + "_.-:", min_size=1, max_size=140),
 )
 SMALL_INTS = st.integers(min_value=0, max_value=2**32 - 1)
+COUNTS = st.one_of(st.integers(min_value=0, max_value=6), SMALL_INTS)  # mostly where the rules change
+IDS = st.one_of(st.uuids().map(str), NAMES)  # mostly distinct: copies of one id are settled as copies
 
 
 async def fuzz(strategy: st.SearchStrategy[T], check: Callable[[T], Awaitable[None]], *, examples: int = 100) -> None:
@@ -61,7 +63,7 @@ def mutated(message: Any) -> st.SearchStrategy[bytes]:
 def tasks() -> st.SearchStrategy[messages_pb2.Task]:
     return st.builds(
         messages_pb2.Task,
-        task_id=NAMES,
+        task_id=IDS,
         tenant=st.sampled_from(["default", "t1", "", "bad tenant"]),
         action=st.sampled_from(["fuzzed", "other", "", "9bad"]),  # never the honest worker's action
         payload=st.binary(max_size=64),
@@ -79,11 +81,11 @@ def assignments() -> st.SearchStrategy[messages_pb2.Assignment]:
     return st.builds(
         messages_pb2.Assignment,
         task=tasks(),
-        attempt=SMALL_INTS,
+        attempt=COUNTS,
         worker_id=NAMES,
         session_id=NAMES,
-        dispatch_failures=SMALL_INTS,
-        run_failures=SMALL_INTS,
+        dispatch_failures=COUNTS,
+        run_failures=COUNTS,
         history=st.lists(st.builds(messages_pb2.Requeue, reason=NAMES, detail=st.text(max_size=20)), max_size=3),
     )
 
@@ -99,7 +101,7 @@ def task_bodies() -> st.SearchStrategy[bytes]:
 
 
 def parked_bodies() -> st.SearchStrategy[bytes]:
-    parked = st.builds(messages_pb2.Parked, task=tasks(), attempt=SMALL_INTS)
+    parked = st.builds(messages_pb2.Parked, task=tasks(), attempt=COUNTS)
     batch = st.lists(parked, max_size=4).map(lambda p: messages_pb2.ParkedBatch(items=p))
     return st.one_of(batch.map(lambda b: b.SerializeToString()), st.binary(max_size=200))
 

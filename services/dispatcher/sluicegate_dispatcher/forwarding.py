@@ -13,12 +13,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from sluicegate import telemetry
-from sluicegate.bodies import first_of_each
+from sluicegate.bodies import check_assignment, first_of_each
 from sluicegate.errors import InvalidInput, LockTimeout, NoFreeSlot, NotConnected, StreamBroken
 from sluicegate.expiry import is_expired
+from sluicegate.ratelimit import QuietLog
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2
-from sluicegate.validation import check_task
 from sluicegate.wire import now_ms
 from sluicegate_dispatcher.metrics import DispatcherMetrics
 from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
@@ -53,13 +53,14 @@ class Forwarder:
         self._lock_timeout, self._ack_timeout, self._max_payload = lock_timeout, ack_timeout, max_payload
         self._clock, self._draining = clock, draining
         self._pumps: set[asyncio.Task[None]] = set()
+        self._undecodable = QuietLog(log, interval=10.0, level=logging.ERROR)
         sessions.on_room = self.kick
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             batch = messages_pb2.AssignmentBatch.FromString(message.body)
         except DecodeError:
-            log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
+            self._undecodable(self._clock(), "an inbox message is not an assignment batch; dead-lettering it")
             await self.settler.settle_message(message, ok=False)
             return
         delivery = Delivery(message, len(batch.assignments))
@@ -115,9 +116,7 @@ class Forwarder:
         valid = []
         for assignment in group:
             try:
-                if assignment.attempt < 1:
-                    raise InvalidInput("attempt must be at least 1")
-                check_task(assignment.task, self._max_payload)
+                check_assignment(assignment, self._max_payload)
             except InvalidInput as err:
                 self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))

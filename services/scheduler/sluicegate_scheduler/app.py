@@ -110,6 +110,11 @@ class Scheduler:
         """Connected and either leading or standing by; false once a loop crashed."""
         return self._state == "running" and self._connection is not None and self.failed is None
 
+    @property
+    def sessions_started(self) -> int:
+        """Broker sessions begun: one more after each lost connection (or a failure that ended a session)."""
+        return self._sessions_started
+
     async def __aenter__(self) -> Scheduler:
         await self.start()
         return self
