@@ -36,8 +36,9 @@ test-unit: venv
 test-integration: venv
 	$(PYTHON) -m pytest tests/integration
 
+# With no broker answering at RABBITMQ_URL, a throw-away one is started (and removed) for the demo.
 demo: venv
-	.venv/bin/sluicegate demo
+	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
 
 chaos: venv docker-images
 	$(PYTHON) scripts/chaos.py

@@ -282,13 +282,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _handle(self, session: WorkerSession, stream: WorkerStream, message: worker_pb2.WorkerMessage) -> None:
         """One worker message; its size and rate are checked before any of it is applied."""
         now = self.clock()
-        if not message.events:
+        if message.events:
+            check_events(self.settings.limits, len(message.events))
+        else:
             self.admission.heartbeat(session.session_id, now)
-            self.sessions.seen(session, now)
-            return
-        check_events(self.settings.limits, len(message.events))
         self.sessions.seen(session, now)
-        stream.answer(self.reports.on_events(session, message.events))
+        if message.leaving:
+            session.leaving = True
+        if message.events:
+            stream.answer(self.reports.on_events(session, message.events))
 
     def _on_stall(self, session: WorkerSession, stream: WorkerStream) -> None:
         """A verdict could not get the stream's lock in time: handled as a stalled send."""

@@ -76,28 +76,36 @@ PHASES = ("lock", "throughput", "latency", "stall", "celery", "many", "memory")
 def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) -> None:
     """Add the benchmark's options; `standalone` adds the ones the `sluicegate` command has globally."""
     size = parser.add_argument_group("sizes (defaults: a full run; --quick shrinks them)")
-    size.add_argument("--quick", action="store_true", help="a tiny smoke run (well under a minute)")
-    size.add_argument("--tasks", type=int, help="tasks in each throughput run (full 20000, quick 400)")
-    size.add_argument("--warmup", type=int, help="tasks pushed through before measuring (full 1000)")
-    size.add_argument("--workers", type=int, help="worker streams of the main scenario (20)")
-    size.add_argument("--many-workers", type=int, help="worker streams of the second latency run (full 200)")
-    size.add_argument("--idle-streams", type=int, help="idle streams for the memory figure (full 1000)")
-    size.add_argument("--slots", type=int, default=10, help="slots per worker (10)")
-    size.add_argument("--duration", type=float, help="seconds of each open-loop latency run (full 10)")
+    size.add_argument(
+        "--quick", action="store_true", help="a tiny smoke run, well under a minute (default: a full run)"
+    )
+    size.add_argument("--tasks", type=int, help="tasks in each throughput run (default: 20000, quick 400)")
+    size.add_argument("--warmup", type=int, help="tasks pushed through before measuring (default: 1000, quick 100)")
+    size.add_argument("--workers", type=int, help="worker streams of the main scenario (default: 20)")
+    size.add_argument("--many-workers", type=int, help="streams of the second latency run (default: 200, quick 40)")
+    size.add_argument("--idle-streams", type=int, help="idle streams for the memory figure (default: 1000, quick 100)")
+    size.add_argument("--slots", type=int, default=10, help="slots per worker")
+    size.add_argument("--duration", type=float, help="seconds of each open-loop latency run (default: 10, quick 2)")
     size.add_argument("--rate", type=float, help="offered tasks/s of the latency runs (default: half the capacity)")
-    size.add_argument("--sweep", help="extra open-loop rates (tasks/s, comma-separated; full 50,100,200; '' for none)")
-    size.add_argument("--payload-bytes", type=int, default=512)
+    size.add_argument(
+        "--sweep", help="extra open-loop rates, tasks/s, comma-separated (default: 50,100,200, quick none)"
+    )
+    size.add_argument("--payload-bytes", type=int, default=512, help="bytes of each task's payload")
     size.add_argument("--fleet-procs", type=int, help="worker processes per scenario (default 1, or 2 over 50)")
-    size.add_argument("--celery-tasks", type=int, help="tasks in each Celery run (full 10000)")
-    size.add_argument("--celery-pools", help="comma-separated: threads, prefork (full both, quick threads)")
-    size.add_argument("--celery-threads", type=int, default=20, help="threads of the Celery thread pool (20)")
-    size.add_argument("--celery-processes", type=int, default=2, help="processes of the Celery prefork pool (2)")
-    size.add_argument("--ack-timeout", help="dispatcher receipt deadline (full 5s as deployed; quick 1s)")
+    size.add_argument("--celery-tasks", type=int, help="tasks in each Celery run (default: 10000, quick 400)")
+    size.add_argument("--celery-pools", help="comma-separated: threads, prefork (default: both, quick threads)")
+    size.add_argument("--celery-threads", type=int, default=20, help="threads of the Celery thread pool")
+    size.add_argument("--celery-processes", type=int, default=2, help="processes of the Celery prefork pool")
+    size.add_argument("--ack-timeout", help="dispatcher receipt deadline (default: 5s as deployed, quick 1s)")
     size.add_argument("--stall-fraction", type=float, default=0.1, help="share of workers that stop reading")
-    size.add_argument("--skip", default="", help=f"comma-separated phases to leave out: {', '.join(PHASES)}")
+    size.add_argument("--skip", default="", help=f"phases to leave out (default: none): {', '.join(PHASES)}")
     out = parser.add_argument_group("output")
-    out.add_argument("--profile", metavar="DIR", help="also profile a throughput run with py-spy; stacks to DIR")
-    out.add_argument("--profile-tasks", type=int, help="tasks in the profiled run (full 10000)")
+    out.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile a throughput run with py-spy, stacks to DIR (default: none)",
+    )
+    out.add_argument("--profile-tasks", type=int, help="tasks in the profiled run (default: 10000, quick 400)")
     out.add_argument("--profile-native", action="store_true", help="let py-spy unwind native frames too (slower)")
     out.add_argument(
         "--record",
@@ -106,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) 
         metavar="FILE",
         help="append this run as a row of the results table in FILE (default BENCHMARKS.md)",
     )
-    out.add_argument("--json", dest="json_path", metavar="FILE", help="write every figure as JSON to FILE")
+    out.add_argument("--json", dest="json_path", metavar="FILE", help="every figure as JSON to FILE (default: none)")
     out.add_argument("--log-dir", help="where the child processes log (default: a new temporary directory)")
     out.add_argument(
         "--wait-quiet",
