@@ -8,6 +8,7 @@ and a run is bounded by its number of examples and, per example, by a timeout.
 from __future__ import annotations
 
 import asyncio
+import random
 import string
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -42,6 +43,10 @@ async def fuzz(strategy: st.SearchStrategy[T], check: Callable[[T], Awaitable[No
     )
     @given(strategy)
     def run(value: T) -> None:
+        # Hypothesis seeds the global `random` the same way for every example, and the services on
+        # the loop draw from it too (aiormq's consumer tags): without fresh entropy two examples
+        # would hand them the same "random" tag.
+        random.seed()
         asyncio.run_coroutine_threadsafe(check(value), loop).result(timeout=15)
 
     await asyncio.to_thread(run)

@@ -123,7 +123,7 @@ class Session:
         if tenant in self._intakes:
             return
         # Taken before the first await: a second marker (or registry record) for the tenant that
-        # comes meanwhile must not consume the queue twice (a duplicate consumer tag ends the session).
+        # comes meanwhile must not start a second consumer on the same queue.
         self._intakes.add(tenant)
         try:
             await own.declare_intake(self._publish, self.topology, tenant)
