@@ -10,7 +10,7 @@ from sluicegate.errors import LimitExceeded
 from sluicegate.ratelimit import Buckets, QuietLog
 from sluicegate.v1 import worker_pb2
 from sluicegate_dispatcher.limits import Admission, EdgeLimits, check_events, check_registration
-from sluicegate_dispatcher.service import Undecodable, decode
+from sluicegate_dispatcher.service import Undecodable, decode, peer_host
 from sluicegate_dispatcher.sessions import Sessions
 
 
@@ -103,3 +103,19 @@ def test_decode_takes_a_message_as_it_is() -> None:
     request = worker_pb2.RegisterRequest(worker_id="w")
     assert decode(worker_pb2.RegisterRequest, request) is request
     assert decode(worker_pb2.RegisterRequest, request.SerializeToString()) == request
+
+
+class _Peer:
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+
+@pytest.mark.parametrize(
+    ("peer", "principal"),
+    [("ipv4:10.0.0.7:51234", "ipv4:10.0.0.7"), ("ipv6:[::1]:5555", "ipv6:[::1]"), ("unix:/tmp/s", "unix:/tmp/s")],
+)
+def test_the_default_principal_is_the_peer_host_without_its_port(peer: str, principal: str) -> None:
+    assert peer_host(_Peer(peer)) == principal  # type: ignore[arg-type]

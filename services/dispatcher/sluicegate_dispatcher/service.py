@@ -52,7 +52,7 @@ class Undecodable(InvalidInput):
 def decode(kind: type[M], body: bytes | M) -> M:
     """The request as `kind`; raises Undecodable (INVALID_ARGUMENT) for bytes that are not one."""
     if isinstance(body, kind):
-        return body  # already decoded (a servicer called directly, in tests)
+        return body  # decoded already (registered with a deserializer)
     if not isinstance(body, bytes):
         raise Undecodable(f"request body is not a {kind.DESCRIPTOR.name}")
     try:
