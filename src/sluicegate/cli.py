@@ -57,6 +57,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         send_lock_timeout=args.send_lock_timeout,
         ack_timeout=args.ack_timeout,
         drain_grace=args.drain_grace,
+        insecure=args.insecure,
     )
     check_metrics()
     stop = stop_on_signals()
@@ -175,12 +176,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return demo.result()
 
 
-async def cmd_bench(args: argparse.Namespace) -> int:
-    from sluicegate.bench import run
-
-    return await run(args)
-
-
 def version() -> str:
     try:
         return metadata.version("sluicegate")
@@ -208,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send-lock-timeout", help="longest wait for a worker's send lock, e.g. 250ms (default: 250ms)")
     p.add_argument("--ack-timeout", help="a worker must acknowledge receipt within this, e.g. 5s (default: 2s)")
     p.add_argument("--drain-grace", help="on SIGTERM, how long running tasks may finish, e.g. 10s (default: 10s)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="listen beyond loopback without TLS and credentials (default: SLUICEGATE_DISPATCHER_INSECURE, else off)",
+    )
     p.set_defaults(run=cmd_dispatcher)
 
     p = add_parser(commands, "worker", "run a demo worker (actions echo, sleep, fail)")
@@ -255,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops_commands(commands)
     add_dead_commands(commands)
 
+    from sluicegate.cli_token import add_commands as add_token_commands
+
+    add_token_commands(commands)
+
     p = add_parser(commands, "demo", "run the whole pipeline locally with a worker that stalls")
     p.add_argument("--workers", type=int, default=4, help="workers, one of which goes deaf")
     p.add_argument("--tasks", type=int, default=3000, help="tasks submitted")
@@ -263,11 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
     p.set_defaults(run=cmd_demo)
 
-    from sluicegate.bench.options import add_arguments as add_bench_arguments
-
-    p = add_parser(commands, "bench", "benchmark the dispatch path on the local broker, beside Celery")
-    add_bench_arguments(p)
-    p.set_defaults(run=cmd_bench)
     add_common_everywhere(parser)
     return parser
 

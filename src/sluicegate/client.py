@@ -131,6 +131,7 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self.max_payload = max_payload
         self.duplicates = 0
+        self.untrusted = 0  # results dropped: not published by a trusted broker user
         self._results: dict[str, TaskResult] = {}
         self._messages_seen: OrderedDict[str, None] = OrderedDict()  # redeliveries are not duplicates
         self._waiters: dict[str, asyncio.Future[TaskResult]] = {}
@@ -152,7 +153,7 @@ class Client:
     async def connect(self) -> None:
         self._connection = await amqp.connect_broker(self.broker)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchanges = await amqp.Exchanges(self.topology).declare(channel)
+        exchanges = await amqp.Exchanges(self.topology).declare(channel, service_queues=False)
         self._tasks = exchanges.tasks
         self._default = channel.default_exchange
         consume_channel = await self._connection.channel()
@@ -387,6 +388,11 @@ class Client:
         return self._results
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        if not amqp.trusted(message, self.broker.trusted):
+            self.untrusted += 1  # a forged result: not from a dispatcher or scheduler user
+            with contextlib.suppress(Exception):
+                await message.ack()
+            return
         redelivered = message.message_id in self._messages_seen
         try:
             batch = messages_pb2.TaskResultBatch.FromString(message.body)

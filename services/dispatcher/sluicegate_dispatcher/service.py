@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -20,7 +22,15 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from sluicegate.errors import InvalidInput, LimitExceeded, SluicegateError, UnknownSession
+from sluicegate import auth
+from sluicegate.errors import (
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    SluicegateError,
+    Unauthenticated,
+    UnknownSession,
+)
 from sluicegate.ratelimit import QuietLog
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
@@ -75,6 +85,10 @@ def _status_for(err: SluicegateError) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, UnknownSession):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(err, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if err.retryable:
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.FAILED_PRECONDITION
@@ -161,15 +175,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         forwarder: Forwarder,
         clock: Callable[[], float],
         draining: Callable[[], bool],
+        refused: Counter[str] | None = None,
         principal_of: PrincipalOf = peer_host,
     ) -> None:
         self.settings, self.sessions, self.settler, self.reports = settings, sessions, settler, reports
         self.forwarder, self.clock, self.draining = forwarder, clock, draining
-        # Who stands behind a call: an authenticating edge replaces this with the caller's identity.
+        self.refused = refused if refused is not None else Counter()  # calls denied here, by code
+        # Who stands behind a call when no credentials name anyone (no key set, no client CA).
         self.principal_of = principal_of
         self.admission = Admission(settings.limits)
         self.undecodable = QuietLog(log, interval=10.0)
         self._stalls: set[asyncio.Task[None]] = set()
+        self.owners = auth.Owners()  # worker id -> the principal that registered it (with credentials on)
 
     @edge
     async def Register(
@@ -182,10 +199,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidInput("worker_id must hold 1 to 128 letters, digits or _ . : -")
         tenant = request.tenant or "default"
         check_tenant(tenant)
+        caller = auth.current.get()
         if not request.actions:
             raise InvalidInput("a worker must serve at least one action")
         check_registration(self.settings.limits, request.actions, request.labels)
-        principal = self.principal_of(context)
+        # Limits and a stall's cooldown follow the authenticated principal, else the peer's host.
+        principal = caller.name if caller is not None else self.principal_of(context)
         self.admission.register(
             self.sessions, principal=principal, tenant=tenant, worker_id=request.worker_id, now=self.clock()
         )
@@ -198,8 +217,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if action not in request.actions:
                 raise InvalidInput(f"action_options names {action[:128]!r}, which the worker does not serve")
             check_action_options(action, options)
+        worker_id = request.worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        try:
+            auth.check_tenant(caller, tenant)
+            self.owners.claim(worker_id, caller)  # before anything changes: an impostor replaces nothing
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         session, previous = self.sessions.register(
-            worker_id=request.worker_id,
+            worker_id=worker_id,
             tenant=tenant,
             actions=frozenset(request.actions),
             labels=dict(request.labels),
@@ -233,6 +259,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidInput("a session stream starts with a message naming the session")
         first = decode(worker_pb2.WorkerMessage, raw)
         session = self.sessions.session(first.worker_id, first.session_id)
+        try:
+            self.owners.check(session.worker_id, auth.current.get())  # a leaked session id is not enough
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
         stream = WorkerStream(
