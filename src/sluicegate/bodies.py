@@ -66,7 +66,7 @@ def check_state(state: messages_pb2.DispatcherState) -> None:
     if len(state.workers) > MAX_STATE_WORKERS:
         raise InvalidInput(f"a state message may describe at most {MAX_STATE_WORKERS} workers")
     for w in state.workers:
-        if not NAME.fullmatch(w.worker_id) or not re.fullmatch(r"[0-9a-f]{1,64}", w.session_id):
+        if not NAME.fullmatch(w.worker_id) or not NAME.fullmatch(w.session_id):
             raise InvalidInput("a worker needs a valid worker_id and session_id")
         check_tenant(w.tenant)
         if not w.actions or len(w.actions) > MAX_WORKER_ACTIONS:
