@@ -113,7 +113,8 @@ def test_check_state_refuses_what_no_dispatcher_sends() -> None:
         _state(actions=[]),
         _state(slots=0),
         _state(free_slots=100),
-        _state(session_id="x y"), _state(session_id=""),
+        _state(session_id="x y"),
+        _state(session_id=""),
     ):
         with pytest.raises(InvalidInput):
             check_state(bad)
