@@ -8,7 +8,8 @@
     │   ├── LockTimeout         the worker's send lock was not acquired in time
     │   ├── StreamBroken        the worker's stream failed or was ended
     │   ├── StoreUnavailable    the task store could not be reached or did not answer
-    │   └── TaskPending         the task has no terminal result yet
+    │   ├── TaskPending         the task has no terminal result yet
+    │   └── LimitExceeded       a limit on sessions, rates or sizes was reached
     └── PermanentError          retrying the same request cannot help
         ├── InvalidInput        a task, request or setting is malformed
         ├── Unroutable          the broker had no queue for a publish
@@ -74,6 +75,10 @@ class StoreUnavailable(RetryableError):
 
 class TaskPending(RetryableError):
     """The task has no terminal result yet (asked without waiting)."""
+
+
+class LimitExceeded(RetryableError):
+    """A limit (sessions, register or heartbeat rate, events per report, waiting tasks) was reached."""
 
 
 class InvalidInput(PermanentError):

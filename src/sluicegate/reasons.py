@@ -23,6 +23,8 @@ class Reason(StrEnum):
     CANCELLED = "cancelled"
     RETRIES_EXHAUSTED = "retries_exhausted"  # the handler failed with no retry left: ended failed, kept in dead
     EXPIRED = "expired"  # not started within its schedule-to-start timeout: ended expired, never runs
+    REUSED_ID = "reused_id"  # its task id belongs to another task submitted before: refused, never runs
+    OVER_LIMIT = "over_limit"  # its tenant has too many tasks waiting: refused, never runs
 
     @property
     def counts_as_dispatch_failure(self) -> bool:
@@ -33,4 +35,6 @@ class Reason(StrEnum):
             Reason.RETRIES_EXHAUSTED,
             Reason.EXPIRED,
             Reason.CANCELLED,
+            Reason.REUSED_ID,
+            Reason.OVER_LIMIT,
         )

@@ -19,14 +19,15 @@ from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
 from sluicegate.setup_checks import check_listen
-from sluicegate.v1 import worker_pb2, worker_pb2_grpc
+from sluicegate.v1 import worker_pb2
 from sluicegate.wire import grpc_options
 from sluicegate_dispatcher import guard
 from sluicegate_dispatcher.forwarding import Forwarder
 from sluicegate_dispatcher.housekeeping import Reaper, StatePublisher
+from sluicegate_dispatcher.limits import EdgeLimits
 from sluicegate_dispatcher.metrics import DispatcherMetrics
 from sluicegate_dispatcher.reports import Reports
-from sluicegate_dispatcher.service import EdgeSettings, WorkerServicer
+from sluicegate_dispatcher.service import EdgeSettings, WorkerServicer, add_to_server
 from sluicegate_dispatcher.sessions import Sessions
 from sluicegate_dispatcher.settings import DispatcherSettings
 from sluicegate_dispatcher.settlement import Settler
@@ -124,6 +125,19 @@ class Dispatcher:
                 heartbeat_interval_ms=int(s.heartbeat_interval.total_seconds() * 1000),
                 lock_timeout=s.send_lock_timeout.total_seconds(),
                 send_lock_permits=s.send_lock_permits,
+                limits=EdgeLimits(
+                    sessions_per_principal=s.max_sessions_per_principal,
+                    sessions_per_tenant=s.max_sessions_per_tenant,
+                    max_actions=s.max_actions,
+                    max_action_chars=s.max_action_chars,
+                    max_labels=s.max_labels,
+                    max_label_chars=s.max_label_chars,
+                    max_events=s.max_events_per_message,
+                    register_rate=s.register_rate,
+                    register_burst=s.register_burst,
+                    heartbeat_rate=s.heartbeat_rate,
+                    heartbeat_burst=s.heartbeat_burst,
+                ),
             ),
             sessions=self.sessions,
             settler=self.settler,
@@ -184,7 +198,7 @@ class Dispatcher:
                 server=True,
             ),
         )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = bind(self._server, s.listen, credentials)  # before the broker: a taken port is a setup error
         self._connection = await amqp.connect_broker(self.broker)

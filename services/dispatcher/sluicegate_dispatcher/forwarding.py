@@ -14,11 +14,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from sluicegate import telemetry
+from sluicegate.bodies import check_assignment, first_of_each
 from sluicegate.errors import InvalidInput, LockTimeout, NoFreeSlot, NotConnected, StreamBroken
 from sluicegate.expiry import is_expired
+from sluicegate.ratelimit import QuietLog
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2
-from sluicegate.validation import check_task
 from sluicegate.wire import now_ms
 from sluicegate_dispatcher.metrics import DispatcherMetrics
 from sluicegate_dispatcher.sessions import Lease, LeaseKey, Sessions, WorkerSession
@@ -53,13 +54,14 @@ class Forwarder:
         self._lock_timeout, self._ack_timeout, self._max_payload = lock_timeout, ack_timeout, max_payload
         self._clock, self._draining = clock, draining
         self._pumps: set[asyncio.Task[None]] = set()
+        self._undecodable = QuietLog(log, interval=10.0, level=logging.ERROR)
         sessions.on_room = self.kick
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             batch = messages_pb2.AssignmentBatch.FromString(message.body)
         except DecodeError:
-            log.error("inbox message %s is not an assignment batch; dead-lettering it", message.message_id)
+            self._undecodable(self._clock(), "an inbox message is not an assignment batch; dead-lettering it")
             await self.settler.settle_message(message, ok=False)
             return
         delivery = Delivery(message, len(batch.assignments))
@@ -67,9 +69,16 @@ class Forwarder:
         if delivery.pending == 0:
             await self.settler.settle_message(message, ok=True)
             return
+        # One attempt twice in one message would take its lease twice: the second would replace the
+        # first, whose slot and share of the delivery no one would give back. A copy is settled here.
+        assignments, copies = first_of_each(batch.assignments)
+        for copy in copies:
+            self.stats.duplicate_assignments += 1
+            self.sessions.count_received(copy.worker_id, copy.session_id)  # the scheduler counted its publish
+            await self.settler.item_done(delivery)
         # Assignments for the same worker session go out in one stream write.
         groups: dict[tuple[str, str], list[messages_pb2.Assignment]] = {}
-        for assignment in batch.assignments:
+        for assignment in assignments:
             if not await self._seen_before(assignment, delivery):
                 groups.setdefault((assignment.worker_id, assignment.session_id), []).append(assignment)
         await asyncio.gather(*(self._forward(group, delivery) for group in groups.values()))
@@ -108,9 +117,7 @@ class Forwarder:
         valid = []
         for assignment in group:
             try:
-                if assignment.attempt < 1:
-                    raise InvalidInput("attempt must be at least 1")
-                check_task(assignment.task, self._max_payload)
+                check_assignment(assignment, self._max_payload)
             except InvalidInput as err:
                 self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))

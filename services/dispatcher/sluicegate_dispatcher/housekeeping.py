@@ -172,4 +172,5 @@ def _worker_state(session: WorkerSession, draining: bool, wall_offset: int) -> m
         prefetch=session.prefetch,
         last_seen_ms=int(session.last_seen * 1000) + wall_offset,
         leases=len(session.leases),
+        principal=session.principal,
     )

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from sluicegate import lifecycle
+from sluicegate.bodies import valid_cancels
 from sluicegate.expiry import is_expired
 from sluicegate.retry import RetryPolicy, effective_policy
 from sluicegate.v1 import worker_pb2
@@ -143,7 +144,9 @@ class Reports:
     def on_cancels(self, cancels: Sequence[Any]) -> None:
         """Cancellations from the stream: what waits here ends at once, what runs is told to stop."""
         now = self.clock()
-        for cancel in cancels:
+        good, bad = valid_cancels(cancels)
+        self.stats.invalid_cancels += bad
+        for cancel in good:
             for lease in self.sessions.cancel(cancel.task_id, cancel.reason):
                 if lease.finishing or lease.cancelling:
                     continue

@@ -1,4 +1,10 @@
-"""The gRPC edge of the dispatcher: validates requests, hands them on, maps errors to status codes."""
+"""The gRPC edge of the dispatcher: decodes and validates requests, hands them on, maps errors to status codes.
+
+Request bodies arrive as bytes (the methods are registered with no deserializer, see
+`add_to_server`) and are decoded here, inside the error mapping: an undecodable body answers
+INVALID_ARGUMENT like any other bad input, instead of an UNKNOWN with grpc's exception text and a
+traceback in the log for every such call.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,28 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from sluicegate import auth
-from sluicegate.errors import InvalidInput, PermissionDenied, SluicegateError, Unauthenticated, UnknownSession
+from sluicegate.errors import (
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    SluicegateError,
+    Unauthenticated,
+    UnknownSession,
+)
+from sluicegate.ratelimit import QuietLog
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import MAX_SLOTS, check_action, check_action_options, check_labels, check_tenant
 from sluicegate_dispatcher.forwarding import Forwarder
+from sluicegate_dispatcher.limits import Admission, EdgeLimits, check_events, check_registration
 from sluicegate_dispatcher.reports import Reports
 from sluicegate_dispatcher.sessions import Sessions, WorkerSession
 from sluicegate_dispatcher.settlement import Settler
@@ -30,17 +46,43 @@ log = logging.getLogger(__name__)
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the end of a stream's messages, untyped in the stubs
 
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-MAX_EVENTS_PER_MESSAGE = 10_000
-MAX_ACTIONS = 256
 FIRST_MESSAGE_TIMEOUT = 10.0
+SERVICE = "sluicegate.v1.WorkerService"
 
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 Handler = Callable[..., Awaitable[R]]
+PrincipalOf = Callable[[grpc.aio.ServicerContext[Any, Any]], str]
+
+
+class Undecodable(InvalidInput):
+    """A request body that is not the message it should be; the text says which, never why."""
+
+
+def decode(kind: type[M], body: bytes | M) -> M:
+    """The request as `kind`; raises Undecodable (INVALID_ARGUMENT) for bytes that are not one."""
+    if isinstance(body, kind):
+        return body  # decoded already (registered with a deserializer)
+    if not isinstance(body, bytes):
+        raise Undecodable(f"request body is not a {kind.DESCRIPTOR.name}")
+    try:
+        return kind.FromString(body)
+    except (DecodeError, ValueError, RuntimeError) as err:  # bad UTF-8 in a string field, bad wire type, ...
+        raise Undecodable(f"request body does not decode as a {kind.DESCRIPTOR.name}") from err
+
+
+def peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The principal when the edge authenticates no one: the peer's host, without its port."""
+    peer = context.peer() or "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 def _status_for(err: SluicegateError) -> grpc.StatusCode:
     if isinstance(err, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(err, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, UnknownSession):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(err, PermissionDenied):
@@ -60,17 +102,33 @@ def edge(method: Handler[R]) -> Handler[R]:
         try:
             return await method(self, request, context)
         except SluicegateError as err:
-            await context.abort(_status_for(err), str(err))
+            if isinstance(err, Undecodable):
+                self.undecodable(self.clock(), "%s: %s", method.__name__, err)
+            await _abort(context, _status_for(err), str(err))
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error")
+        return None  # type: ignore[return-value]  # the status could not be sent: the call ends without it
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> None:
+    """End the call with `code`; raises AbortError as grpc expects, unless the status cannot be sent now.
+
+    A write still pending on the stream (a worker that does not read) keeps the status from being
+    sent; the call then ends when the worker reads again or its connection drops.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.debug("could not end a call with %s: a write is still pending", code.name)
 
 
 def _copied(options: messages_pb2.ActionOptions) -> messages_pb2.ActionOptions:
@@ -85,6 +143,25 @@ class EdgeSettings:
     heartbeat_interval_ms: int
     lock_timeout: float
     send_lock_permits: int
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
+
+
+def add_to_server(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
+    """Register the worker service with bytes in: the servicer decodes, inside its error mapping."""
+    handlers = {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register,
+            request_deserializer=None,
+            response_serializer=worker_pb2.RegisterResponse.SerializeToString,
+        ),
+        "Session": grpc.stream_stream_rpc_method_handler(
+            servicer.Session,
+            request_deserializer=None,
+            response_serializer=worker_pb2.ServerMessage.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -99,28 +176,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         clock: Callable[[], float],
         draining: Callable[[], bool],
         refused: Counter[str] | None = None,
+        principal_of: PrincipalOf = peer_host,
     ) -> None:
         self.settings, self.sessions, self.settler, self.reports = settings, sessions, settler, reports
         self.forwarder, self.clock, self.draining = forwarder, clock, draining
         self.refused = refused if refused is not None else Counter()  # calls denied here, by code
+        # Who stands behind a call when no credentials name anyone (no key set, no client CA).
+        self.principal_of = principal_of
+        self.admission = Admission(settings.limits)
+        self.undecodable = QuietLog(log, interval=10.0)
         self._stalls: set[asyncio.Task[None]] = set()
         self.owners = auth.Owners()  # worker id -> the principal that registered it (with credentials on)
 
     @edge
     async def Register(
-        self, request: worker_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, body: bytes | worker_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> worker_pb2.RegisterResponse:
+        request = decode(worker_pb2.RegisterRequest, body)
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
         if request.worker_id and not WORKER_ID.match(request.worker_id):
             raise InvalidInput("worker_id must hold 1 to 128 letters, digits or _ . : -")
         tenant = request.tenant or "default"
         check_tenant(tenant)
-        principal = auth.current.get()
+        caller = auth.current.get()
         if not request.actions:
             raise InvalidInput("a worker must serve at least one action")
-        if len(request.actions) > MAX_ACTIONS:
-            raise InvalidInput(f"a worker may serve at most {MAX_ACTIONS} actions")
+        check_registration(self.settings.limits, request.actions, request.labels)
+        # Limits and a stall's cooldown follow the authenticated principal, else the peer's host.
+        principal = caller.name if caller is not None else self.principal_of(context)
+        self.admission.register(
+            self.sessions, principal=principal, tenant=tenant, worker_id=request.worker_id, now=self.clock()
+        )
         for action in request.actions:
             check_action(action)
         if not 1 <= request.slots <= MAX_SLOTS:
@@ -132,8 +219,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             check_action_options(action, options)
         worker_id = request.worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         try:
-            auth.check_tenant(principal, tenant)
-            self.owners.claim(worker_id, principal)  # before anything changes: an impostor replaces nothing
+            auth.check_tenant(caller, tenant)
+            self.owners.claim(worker_id, caller)  # before anything changes: an impostor replaces nothing
         except PermissionDenied:
             self.refused["permission_denied"] += 1
             raise
@@ -145,6 +232,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             slots=request.slots,
             now=self.clock(),
             action_options={a: _copied(o) for a, o in request.action_options.items()},
+            principal=principal,
         )
         if previous is not None:
             await self.settler.lose(previous, Reason.WORKER_REREGISTERED, "worker registered again")
@@ -160,15 +248,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @edge
     async def Session(  # type: ignore[override]  # writes go through the send lock, not a generator
-        self, requests: AsyncIterator[worker_pb2.WorkerMessage], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         try:
             async with asyncio.timeout(FIRST_MESSAGE_TIMEOUT):
-                first = await context.read()
+                raw = await context.read()
         except TimeoutError as err:
             raise InvalidInput("a session stream starts with a message naming the session") from err
-        if first is EOF:
+        if raw is EOF:
             raise InvalidInput("a session stream starts with a message naming the session")
+        first = decode(worker_pb2.WorkerMessage, raw)
         session = self.sessions.session(first.worker_id, first.session_id)
         try:
             self.owners.check(session.worker_id, auth.current.get())  # a leaked session id is not enough
@@ -188,44 +277,51 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             previous.end("replaced by a newer stream")
         self.forwarder.kick(session)  # what waited in its queue while it had no stream
         self.reports.retell(session)  # what it must stop, told again on the new stream
-        self._handle(session, stream, first)
-        reader = asyncio.create_task(self._read(session, stream, context))
-        ended = asyncio.create_task(stream.ended.wait())
+        failure: BaseException | None = None
+        reader: asyncio.Task[None] | None = None
+        ended: asyncio.Task[bool] | None = None
         try:
-            await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
+            try:
+                self._handle(session, stream, first)
+            except SluicegateError as err:  # the first message was too much already: nothing was applied
+                failure = err
+            else:
+                reader = asyncio.create_task(self._read(session, stream, context))
+                ended = asyncio.create_task(stream.ended.wait())
+                await asyncio.wait([reader, ended], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (reader, ended):
-                task.cancel()
+                if task is not None:
+                    task.cancel()
             self.sessions.detach(session, stream, self.clock())
-        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        if reader is not None and reader.done() and not reader.cancelled():
+            failure = reader.exception()
+        # A write in flight first: a status sent meanwhile would fail (too many operations on the call).
+        await stream.quiesce(self.settings.lock_timeout)
         if isinstance(failure, SluicegateError):
             raise failure
-        try:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, stream.reason or "stream ended")
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            # A write still pending on a stalled stream keeps the status from being sent; the
-            # call ends when the worker reads again or its connection drops.
-            log.debug("could not end the stream of %s cleanly", session.worker_id)
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, stream.reason or "stream ended")
 
     async def _read(
         self, session: WorkerSession, stream: WorkerStream, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Every message is a sign of life; its events are answered on the stream."""
-        while (message := await context.read()) is not EOF:
-            self._handle(session, stream, message)
+        while (raw := await context.read()) is not EOF:
+            self._handle(session, stream, decode(worker_pb2.WorkerMessage, raw))
         stream.end("the worker closed its stream")
 
     def _handle(self, session: WorkerSession, stream: WorkerStream, message: worker_pb2.WorkerMessage) -> None:
-        self.sessions.seen(session, self.clock())
+        """One worker message; its size and rate are checked before any of it is applied."""
+        now = self.clock()
+        if message.events:
+            check_events(self.settings.limits, len(message.events))
+        else:
+            self.admission.heartbeat(session.session_id, now)
+        self.sessions.seen(session, now)
         if message.leaving:
             session.leaving = True
-        if not message.events:
-            return
-        if len(message.events) > MAX_EVENTS_PER_MESSAGE:
-            raise InvalidInput(f"a message may carry at most {MAX_EVENTS_PER_MESSAGE} events")
-        stream.answer(self.reports.on_events(session, message.events))
+        if message.events:
+            stream.answer(self.reports.on_events(session, message.events))
 
     def _on_stall(self, session: WorkerSession, stream: WorkerStream) -> None:
         """A verdict could not get the stream's lock in time: handled as a stalled send."""

@@ -65,6 +65,7 @@ class WorkerSession:
     queue: list[tuple[tuple[int, int], Lease]] = field(default_factory=list)  # heap: priority, then arrival
     queued: int = 0
     leaving: bool = False  # the worker said it is shutting down: once its stream ends, the session ends
+    principal: str = ""  # who stands behind it (the authenticated identity, else the peer's host)
 
     @property
     def streaming(self) -> bool:
@@ -144,6 +145,7 @@ class Sessions:
         slots: int,
         now: float,
         action_options: dict[str, Any] | None = None,
+        principal: str = "",
     ) -> tuple[WorkerSession, WorkerSession | None]:
         """Open a new session; returns it and the session it supersedes, if the worker had one."""
         if not actions:
@@ -164,6 +166,7 @@ class Sessions:
             stream_lost_at=now,  # no stream yet: it must show up within the reconnect grace
             action_options=dict(action_options or {}),
             prefetch=min(slots, self._prefetch),
+            principal=principal or worker_id,
         )
         self._by_worker[worker_id] = session
         self._by_session[session.session_id] = session

@@ -89,6 +89,30 @@ class DispatcherSettings(BaseSettings):
         default=timedelta(seconds=10), description="How long a stopping dispatcher waits for running tasks."
     )
     send_lock_permits: int = Field(default=1, ge=1, le=64, description="Concurrent writes allowed per stream.")
+    # Limits on what one party may ask; past any of them the call answers RESOURCE_EXHAUSTED.
+    max_sessions_per_principal: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Open sessions per principal (identity, else peer host)."
+    )
+    max_sessions_per_tenant: int = Field(default=5000, ge=1, le=1_000_000, description="Open sessions per tenant.")
+    max_actions: int = Field(default=64, ge=1, le=10_000, description="Action names one worker may register.")
+    max_action_chars: int = Field(
+        default=4096, ge=128, le=1_000_000, description="Characters of all action names of one registration."
+    )
+    max_labels: int = Field(default=32, ge=0, le=32, description="Labels one worker may register.")
+    max_label_chars: int = Field(
+        default=4096, ge=0, le=1_000_000, description="Characters of all label keys and values of one registration."
+    )
+    max_events_per_message: int = Field(
+        default=1000, ge=1, le=100_000, description="Task events in one worker message, checked before applying any."
+    )
+    register_rate: float = Field(
+        default=20.0, ge=0, le=1_000_000, description="Registrations a second per principal (0: no limit)."
+    )
+    register_burst: int = Field(default=200, ge=1, le=1_000_000, description="Registrations at once per principal.")
+    heartbeat_rate: float = Field(
+        default=10.0, ge=0, le=1_000_000, description="Empty messages (heartbeats) a second per session (0: no limit)."
+    )
+    heartbeat_burst: int = Field(default=50, ge=1, le=1_000_000, description="Heartbeats at once per session.")
     tls_cert: Path | None = Field(default=None, description="PEM certificate (chain) the gRPC server presents.")
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
     tls_client_ca: Path | None = Field(

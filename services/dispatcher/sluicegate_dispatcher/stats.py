@@ -21,4 +21,6 @@ class DispatcherStats:
     results_unclaimed: int = 0
     cancelled: int = 0
     timed_out: int = 0
+    invalid_cancels: int = 0  # cancellations dropped: they name no task a client could submit
+    duplicate_assignments: int = 0  # the same (task, attempt) twice in one inbox message: the copy settled
     refused: Counter[str] = field(default_factory=Counter)  # calls refused: unauthenticated, permission_denied

@@ -21,7 +21,18 @@ from sluicegate_dispatcher.lock import TimedLock
 class WorkerStream:
     """A worker's open stream; writes go through `send`, one at a time per permit, in arrival order."""
 
-    __slots__ = ("_context", "_controls", "_flusher", "_on_stall", "_timeout", "_verdicts", "ended", "lock", "reason")
+    __slots__ = (
+        "_context",
+        "_controls",
+        "_flusher",
+        "_on_stall",
+        "_permits",
+        "_timeout",
+        "_verdicts",
+        "ended",
+        "lock",
+        "reason",
+    )
 
     def __init__(
         self,
@@ -33,6 +44,7 @@ class WorkerStream:
     ) -> None:
         self._context = context
         self.lock = TimedLock(permits)
+        self._permits = permits
         self.ended = asyncio.Event()
         self.reason = ""
         self._timeout = lock_timeout
@@ -46,6 +58,19 @@ class WorkerStream:
         if not self.ended.is_set():
             self.reason = reason
             self.ended.set()
+
+    async def quiesce(self, timeout: float) -> bool:
+        """End the stream and wait up to `timeout` for a write in flight to finish; False if it did not.
+
+        The permits are kept: nothing is written after this, so the call's status can be sent.
+        """
+        self.end(self.reason or "stream ended")
+        try:
+            for _ in range(self._permits):
+                await self.lock.acquire(timeout)
+        except LockTimeout:
+            return False
+        return True
 
     async def send(self, message: worker_pb2.ServerMessage, timeout: float) -> float:
         """Acquire the lock within `timeout` (LockTimeout otherwise), hold it until the write finished.

@@ -23,7 +23,9 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 
 from sluicegate import amqp, lifecycle
-from sluicegate.errors import PublishError
+from sluicegate.bodies import check_state
+from sluicegate.errors import InvalidInput, PublishError
+from sluicegate.ratelimit import QuietLog
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
 from sluicegate_scheduler.assignment import WorkerReport
@@ -53,6 +55,7 @@ def core_config(settings: SchedulerSettings, prefix: str) -> Config:
         max_dispatch_attempts=settings.max_dispatch_attempts,
         max_payload_bytes=settings.max_payload_bytes,
         max_lanes=settings.max_lanes,
+        max_waiting_per_tenant=settings.max_waiting_per_tenant,
         requeue_hold=settings.requeue_hold.total_seconds(),
         worker_cooldown=settings.worker_cooldown.total_seconds(),
         lane_idle=settings.lane_idle.total_seconds(),
@@ -87,6 +90,7 @@ class Scheduler:
         self.pool = self.core.pool
         self.untrusted = 0  # worker-state messages dropped: not from a trusted broker user
         self.stats = self.core.stats
+        self._bad_state = QuietLog(log, interval=10.0)
         self.clock = clock
         self.metrics = SchedulerMetrics(self)
         self.leading = asyncio.Event()
@@ -106,6 +110,11 @@ class Scheduler:
     def ready(self) -> bool:
         """Connected and either leading or standing by; false once a loop crashed."""
         return self._state == "running" and self._connection is not None and self.failed is None
+
+    @property
+    def sessions_started(self) -> int:
+        """Broker sessions begun: one more after each lost connection (or a failure that ended a session)."""
+        return self._sessions_started
 
     async def __aenter__(self) -> Scheduler:
         await self.start()
@@ -271,7 +280,14 @@ class Scheduler:
         try:
             state = messages_pb2.DispatcherState.FromString(message.body)
         except DecodeError:
-            log.warning("ignoring a worker-state message that does not decode")
+            self.core.stats.invalid_states += 1
+            self._bad_state(self.clock(), "ignoring a worker-state message that does not decode")
+            return
+        try:
+            check_state(state)
+        except InvalidInput as err:
+            self.core.stats.invalid_states += 1
+            self._bad_state(self.clock(), "ignoring a worker-state message no dispatcher would send: %s", err)
             return
         reports = [
             WorkerReport(
@@ -285,6 +301,7 @@ class Scheduler:
                 ready=w.ready,
                 received=w.received,
                 prefetch=w.prefetch,
+                principal=w.principal,
             )
             for w in state.workers
         ]

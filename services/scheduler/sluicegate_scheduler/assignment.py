@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+PRINCIPAL = "principal:"  # cooling keys of principals, apart from worker ids
 KeyScope = tuple[str, str, str]  # (tenant, action, concurrency key)
 Preference = tuple[str, str, int]  # (label key, value, weight)
 
@@ -31,6 +32,7 @@ class WorkerView:
     reported_received: int
     ready: bool
     prefetch: int = 0  # of reported_free, the room that only queues at the dispatcher behind busy slots
+    principal: str = ""  # who stands behind the session; a stall cools all of its sessions
     sent: int = 0  # assignments this scheduler published to the session
     keyed: deque[tuple[int, KeyScope]] = field(default_factory=deque)  # (sent at, scope) not yet reported
 
@@ -66,6 +68,7 @@ class WorkerReport:
     ready: bool
     received: int
     prefetch: int = 0  # of free_slots, how many only queue at the dispatcher
+    principal: str = ""
 
 
 # A full snapshot further ahead than this of the last one applied (same instance) is not believed:
@@ -91,7 +94,9 @@ class WorkerPool:
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
-        self._cooling: dict[str, tuple[float, int]] = {}  # worker id -> (last resort until, strikes)
+        # worker id, or PRINCIPAL + principal -> (last resort until, strikes)
+        self._cooling: dict[str, tuple[float, int]] = {}
+        self._principals: dict[str, str] = {}  # worker id -> its principal, as last reported
         self._key_leases: Counter[KeyScope] = Counter()  # reported by dispatchers, summed
         self._key_transit: Counter[KeyScope] = Counter()  # published, not yet in a report
         self._served: set[tuple[str, str]] | None = None
@@ -167,14 +172,17 @@ class WorkerPool:
                     reported_received=w.received,
                     ready=ready,
                     prefetch=w.prefetch,
+                    principal=w.principal,
                     sent=w.received,
                 )
+                if w.principal:
+                    self._principals[w.worker_id] = w.principal
                 reshaped = True
                 continue
             reshaped |= current.ready != ready or current.tenant != w.tenant or current.actions != frozenset(w.actions)
             current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
             current.slots, current.reported_free, current.reported_received = w.slots, w.free_slots, w.received
-            current.ready, current.prefetch = ready, w.prefetch
+            current.ready, current.prefetch, current.principal = ready, w.prefetch, w.principal
             # Never below what the dispatcher consumed: a redelivered or re-published assignment
             # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
             current.sent = max(current.sent, w.received)
@@ -237,14 +245,31 @@ class WorkerPool:
         """A worker that just failed a dispatch (stalled, lost) gets work only as a last resort for a while.
 
         The while doubles with each strike, so a worker that keeps stalling keeps losing its share;
-        a worker that stayed clear of trouble for `longest` starts again from `base`.
+        a worker that stayed clear of trouble for `longest` starts again from `base`. Every session
+        of the same principal cools with it: many sessions that never acknowledge are one party,
+        not thirty chances to fail a task.
         """
-        until, strikes = self._cooling.get(worker_id, (0.0, 0))
+        self._cool(worker_id, now, base, longest)
+        principal = self._principals.get(worker_id)
+        if principal:
+            self._cool(PRINCIPAL + principal, now, base, longest)
+
+    def _cool(self, key: str, now: float, base: float, longest: float) -> None:
+        until, strikes = self._cooling.get(key, (0.0, 0))
         if now > until + longest:
             strikes = 0
         if now < until and strikes:
             return  # the failures of one episode count once
-        self._cooling[worker_id] = (now + min(longest, base * 2**strikes), strikes + 1)
+        self._cooling[key] = (now + min(longest, base * 2**strikes), strikes + 1)
+        if len(self._cooling) > 100_000:  # long cooled keys first
+            for old in [k for k, (u, _) in self._cooling.items() if u + longest < now]:
+                del self._cooling[old]
+
+    def cooling(self, worker: WorkerView, now: float) -> bool:
+        cooling = self._cooling
+        if cooling.get(worker.worker_id, (0.0, 0))[0] > now:
+            return True
+        return bool(worker.principal) and cooling.get(PRINCIPAL + worker.principal, (0.0, 0))[0] > now
 
     def pick(
         self,
@@ -290,7 +315,7 @@ class WorkerPool:
                 continue
             if labels and not all(w.labels.get(k) == v for k, v in labels.items()):
                 continue
-            if (avoid and w.worker_id in avoid) or (cooling and cooling.get(w.worker_id, (0.0, 0))[0] > now):
+            if (avoid and w.worker_id in avoid) or (cooling and self.cooling(w, now)):
                 fallback = fallback or w
                 continue
             # An idle slot first: a task queued behind busy ones waits while another worker idles.

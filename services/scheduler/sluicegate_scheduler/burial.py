@@ -98,6 +98,22 @@ class Burial:
             result.error = reason or "cancelled"
             self.outbox.add(Entry(Kind.RESULT, task.reply_to, result, None, result.ByteSize(), extra=task))
 
+    def refuse(self, item: Pending, reason: Reason, detail: str) -> None:
+        """A submission refused before it was taken (a reused id, a full tenant): REJECTED to its client.
+
+        It is told apart from the task its id may belong to: it counts as attempt 0, which no real
+        attempt is, so neither the ledger nor the task's record is touched.
+        """
+        self.stats.rejected += 1
+        item.attempt = 0
+        history = [messages_pb2.Requeue(reason=reason.value, detail=detail, at_ms=self.wall())]
+        result = self._result(item.task, REJECTED, history, 1)
+        if result is None:
+            self.done(item.source)
+            return
+        result.error = detail
+        self.outbox.add(Entry(Kind.RESULT, item.task.reply_to, result, item, result.ByteSize(), extra=None))
+
     def _cancellation(self, *, attempt: int, reason: str) -> messages_pb2.Requeue:
         return messages_pb2.Requeue(reason=Reason.CANCELLED.value, detail=reason, attempt=attempt, at_ms=self.wall())
 
@@ -174,7 +190,7 @@ class Burial:
 
     def confirmed(self, batch: Sequence[Entry], done: Callable[[Any], None]) -> None:
         for entry in batch:
-            if entry.kind == Kind.RESULT:
+            if entry.kind == Kind.RESULT and entry.extra is not None:
                 self._record(entry.body, entry.extra)
             if entry.item is None:
                 continue

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sluicegate import amqp, lifecycle, retry
+from sluicegate.bodies import TaskIds, check_assignment
 from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
@@ -27,7 +28,7 @@ from sluicegate_scheduler.assignment import WorkerPool
 from sluicegate_scheduler.burial import Burial
 from sluicegate_scheduler.delays import rung_for
 from sluicegate_scheduler.items import Origin, Pending, from_parked, to_parked
-from sluicegate_scheduler.lanes import Lane, LaneBook, arrival
+from sluicegate_scheduler.lanes import Lane, LaneBook, TenantCounts, arrival
 from sluicegate_scheduler.ledger import Ledger, Standing, Verdict
 from sluicegate_scheduler.limits import ConcurrencyLimits, RateLimits, Weights
 from sluicegate_scheduler.outbox import Entry, Kind, Outbox
@@ -48,6 +49,7 @@ class Config:
     max_dispatch_attempts: int = 5
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_lanes: int = 1000
+    max_waiting_per_tenant: int = 0  # tasks of one tenant waiting here or in its lanes; past it, REJECTED (0: none)
     lane_scan: int = 32  # how far past a blocked head a lane is searched for a task that can go
     hold_ms: int = 200  # the last stretch of a delay shorter than this is waited in memory
     requeue_hold: float = 1.0  # a requeued attempt waits this long ahead of its lane, then is parked
@@ -97,6 +99,8 @@ class Core:
         self.wake_at: float | None = None  # when a limit refills or a timer is due
         self._warned: set[tuple[str, str]] = set()  # (tenant, action) waiting for anyone to serve it
         self.delayed = 0
+        self.task_ids = TaskIds()  # what each recent id was submitted with: a reused id is refused
+        self.tenants = TenantCounts(config.max_waiting_per_tenant)
 
     # What the shell consumed.
 
@@ -108,8 +112,9 @@ class Core:
             self.stats.received += 1
             item = Pending(task=task, source=source, origin=Origin.INTAKE, trace=dict(task.trace), size=task.ByteSize())
             self._fence(item, redelivered)
-            if self._cancelled(item) or self._seen(item):
+            if self._cancelled(item) or self._reused(item) or self._seen(item):
                 continue
+            self.task_ids.note(task)
             try:
                 check_task(task, self.config.max_payload_bytes)
             except InvalidInput as err:
@@ -118,6 +123,11 @@ class Core:
                     messages_pb2.Requeue(reason=Reason.INVALID.value, detail=str(err), at_ms=self.wall())
                 )
                 self.burial.bury(item, messages_pb2.TASK_STATUS_REJECTED)
+                continue
+            if not self.tenants.admit(task.tenant, self.book, self.clock()):
+                self.ledger.forget(item.key)  # never taken: the same task submitted later is new
+                detail = f"tenant {task.tenant} has {self.tenants.limit} tasks waiting already; submit again later"
+                self.burial.refuse(item, Reason.OVER_LIMIT, detail)
                 continue
             item.not_before_ms = task.run_at_ms
             if self.recording():
@@ -166,6 +176,11 @@ class Core:
             if self._seen(item):
                 self.stats.duplicate_requeues += 1
                 continue
+            try:
+                check_assignment(a, self.config.max_payload_bytes)
+            except InvalidInput as err:  # not what any dispatcher sends back: to `dead`, with the reason
+                self._bury_invalid(item, err)
+                continue
             self.stats.requeued[reason.value] += 1
             if self.recording():
                 last = history[-1] if history else None
@@ -203,6 +218,11 @@ class Core:
             item = from_parked(parked, source, origin)
             self._fence(item, redelivered)
             if self._cancelled(item) or self._seen(item):
+                continue
+            try:
+                check_task(item.task, self.config.max_payload_bytes)
+            except InvalidInput as err:  # not what this scheduler parks: to `dead`, with the reason
+                self._bury_invalid(item, err)
                 continue
             if origin == Origin.LANE and lane is not None:
                 if self._expired(item):
@@ -251,6 +271,24 @@ class Core:
         if redelivered and self.ledger.standing(item.key) is None:
             item.attempt += 1
         item.home = self.ledger.home(item.key)
+
+    def _bury_invalid(self, item: Pending, err: InvalidInput) -> None:
+        self.stats.rejected += 1
+        item.history.append(messages_pb2.Requeue(reason=Reason.INVALID.value, detail=str(err), at_ms=self.wall()))
+        self.burial.bury(item, messages_pb2.TASK_STATUS_DEAD)
+
+    def _reused(self, item: Pending) -> bool:
+        """A submission whose id another task, submitted before with other content, holds: REJECTED.
+
+        The same content again (a publish retried, a client resubmitting) is a copy of that
+        submission, which `_seen` settles: the first task's result answers it.
+        """
+        if self.ledger.standing(item.key) is None or not self.task_ids.reused(item.task):
+            return False
+        self.stats.reused_ids += 1
+        detail = f"task id {item.task.task_id} is already used by another task; submit with a new id"
+        self.burial.refuse(item, Reason.REUSED_ID, detail)
+        return True
 
     def _seen(self, item: Pending) -> bool:
         """Settle a copy that is not new; True if it was one."""

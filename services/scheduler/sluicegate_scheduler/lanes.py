@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -237,6 +237,31 @@ class LaneBook:
             lane.parked = None  # read again to know
             lane.oldest.clear()
         return dropped
+
+
+class TenantCounts:
+    """Tasks waiting per tenant, against a limit: counted from the lanes at most every `every` seconds,
+    and between two counts by what was admitted since (a lane read back does not lower it until then).
+    """
+
+    def __init__(self, limit: int, every: float = 0.5) -> None:
+        self.limit, self.every = limit, every
+        self._counts: Counter[str] = Counter()
+        self._at: float | None = None
+
+    def admit(self, tenant: str, book: LaneBook, now: float) -> bool:
+        """True (and counted) if one more task of `tenant` may wait."""
+        if not self.limit:
+            return True
+        if self._at is None or now - self._at >= self.every:
+            self._counts = Counter()
+            for lane in book:
+                self._counts[lane.key.tenant] += lane.depth
+            self._at = now
+        if self._counts[tenant] >= self.limit:
+            return False
+        self._counts[tenant] += 1
+        return True
 
 
 def arrival(origin: Origin) -> bool:

@@ -44,6 +44,12 @@ class SchedulerSettings(BaseSettings):
     max_lanes: int = Field(
         default=1000, ge=1, le=100_000, description="Lanes before keyed tasks share one overflow lane per action."
     )
+    max_waiting_per_tenant: int = Field(
+        default=1_000_000,
+        ge=0,
+        le=1_000_000_000,
+        description="Tasks one tenant may have waiting; past it a submission ends REJECTED (0: no limit).",
+    )
     lane_idle: PositiveDuration = Field(
         default=timedelta(minutes=1), description="An empty lane is deleted after this (declared again when needed)."
     )

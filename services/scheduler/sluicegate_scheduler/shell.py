@@ -19,7 +19,9 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from google.protobuf.message import DecodeError
 
 from sluicegate import amqp
+from sluicegate.bodies import valid_cancels
 from sluicegate.errors import PublishError, Unroutable
+from sluicegate.ratelimit import QuietLog
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
@@ -75,6 +77,8 @@ class Session:
         self._lane_work = asyncio.Event()
         self.registry: Registry
         self.alive = True  # a delivery handed over after the session ended must not reach the core
+        # Anyone with broker credentials can publish garbage at line rate: one line per 10 s, counted.
+        self._undecodable = QuietLog(log, interval=10.0, level=logging.ERROR)
 
     async def run(self) -> None:
         """Set up, then consume and publish until the connection fails (raising) or is cancelled."""
@@ -119,10 +123,16 @@ class Session:
     async def _consume_intake(self, tenant: str) -> None:
         if tenant in self._intakes:
             return
-        await own.declare_intake(self._publish, self.topology, tenant)
-        prefetch = self.settings.intake_prefetch * self.tenant_weights(tenant)
-        await self._start_consumer(self.topology.intake(tenant), prefetch, self._on_tenant_tasks)
+        # Taken before the first await: a second marker (or registry record) for the tenant that
+        # comes meanwhile must not start a second consumer on the same queue.
         self._intakes.add(tenant)
+        try:
+            await own.declare_intake(self._publish, self.topology, tenant)
+            prefetch = self.settings.intake_prefetch * self.tenant_weights(tenant)
+            await self._start_consumer(self.topology.intake(tenant), prefetch, self._on_tenant_tasks)
+        except BaseException:
+            self._intakes.discard(tenant)
+            raise
 
     # Deliveries in. Each decodes, hands its items to the core and wakes the pump; none awaits.
 
@@ -165,6 +175,8 @@ class Session:
     def _on_cancels(self, cancels: list[messages_pb2.Cancel]) -> None:
         if not self.alive:
             return
+        cancels, bad = valid_cancels(cancels)
+        self.core.stats.invalid_cancels += bad
         for cancel in cancels:
             self.core.cancel(cancel.task_id, cancel.reason)
         self.wake.set()
@@ -393,7 +405,7 @@ class Session:
     # Messages that are not ours to read.
 
     async def _bury_raw(self, message: AbstractIncomingMessage, why: str) -> None:
-        log.error("%s; moving it to %s", why, self.topology.dead)
+        self._undecodable(self.core.clock(), "%s; moving it to %s", why, self.topology.dead)
         await amqp.publish_until_confirmed(
             self._exchanges.dead, "", message.body, headers={amqp.REASON_HEADER: "undecodable"}
         )

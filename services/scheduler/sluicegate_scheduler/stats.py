@@ -19,4 +19,7 @@ class SchedulerStats:
     cancelled: int = 0
     duplicate_requeues: int = 0
     duplicate_tasks: int = 0
+    reused_ids: int = 0  # submissions refused: their id belongs to another task
+    invalid_states: int = 0  # worker-state messages dropped: no dispatcher would send them
+    invalid_cancels: int = 0  # cancellations dropped: they name no task a client could submit
     unroutable_assignments: int = 0

@@ -832,6 +832,7 @@ class WorkerState(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     tenant: _builtins.str
@@ -847,6 +848,8 @@ class WorkerState(_message.Message):
     """unix ms of the worker's last sign of life (any stream message)"""
     leases: _builtins.int
     """assignments of this session in flight (forwarded, not settled)"""
+    principal: _builtins.str
+    """who stands behind the session: a stall cools all of its sessions"""
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -866,10 +869,11 @@ class WorkerState(_message.Message):
         prefetch: _builtins.int = ...,
         last_seen_ms: _builtins.int = ...,
         leases: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
