@@ -154,4 +154,5 @@ def _worker_state(session: WorkerSession, draining: bool) -> messages_pb2.Worker
         ready=session.ready and not draining,
         received=session.received,
         prefetch=session.prefetch,
+        received_by_partition=session.received_by_partition,
     )

@@ -3,6 +3,12 @@
 The view comes from the dispatchers' state snapshots; between two snapshots the scheduler counts
 what it published itself (`sent` against the dispatcher's `received`), so a burst never
 over-commits a worker, and the same ledger counts running tasks per concurrency key.
+
+With P scheduler partitions assigning to the same workers, each partition counts only its own
+assignments (the dispatcher reports `received` per partition) and claims at most its share,
+about F / P rounded up, of the F free slots a report shows: together they overshoot a report by at
+most 2(P - 1) per worker, which waits in the dispatcher's queue room or comes back as NO_SLOT, and
+never reaches the worker (the dispatcher writes to a worker only into a free slot).
 """
 
 from __future__ import annotations
@@ -68,6 +74,13 @@ class WorkerReport:
     prefetch: int = 0  # of free_slots, how many only queue at the dispatcher
 
 
+def received_of(total: int, by_partition: Sequence[int], partition: int) -> int:
+    """What a dispatcher consumed for a session from one partition (`total` is all partition 0's until split)."""
+    if not by_partition:
+        return total if partition == 0 else 0
+    return by_partition[partition] if partition < len(by_partition) else 0
+
+
 @dataclass(slots=True)
 class _DispatcherView:
     seq: int
@@ -80,7 +93,8 @@ class _DispatcherView:
 class WorkerPool:
     """The scheduler's view of every worker, replaced per dispatcher by each state snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1) -> None:
+        self.partitions = partitions
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
@@ -133,6 +147,7 @@ class WorkerPool:
         for w in workers:
             reported.add(w.session_id)
             ready = w.ready and not draining
+            free, prefetch = self.share(w.free_slots, w.prefetch)
             current = view.workers.get(w.session_id)
             if current is None:
                 view.workers[w.session_id] = WorkerView(
@@ -143,18 +158,18 @@ class WorkerPool:
                     actions=frozenset(w.actions),
                     labels=dict(w.labels),
                     slots=w.slots,
-                    reported_free=w.free_slots,
+                    reported_free=free,
                     reported_received=w.received,
                     ready=ready,
-                    prefetch=w.prefetch,
+                    prefetch=prefetch,
                     sent=w.received,
                 )
                 reshaped = True
                 continue
             reshaped |= current.ready != ready or current.tenant != w.tenant or current.actions != frozenset(w.actions)
             current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
-            current.slots, current.reported_free, current.reported_received = w.slots, w.free_slots, w.received
-            current.ready, current.prefetch = ready, w.prefetch
+            current.slots, current.reported_free, current.reported_received = w.slots, free, w.received
+            current.ready, current.prefetch = ready, prefetch
             # Never below what the dispatcher consumed: a redelivered or re-published assignment
             # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
             current.sent = max(current.sent, w.received)
@@ -167,6 +182,18 @@ class WorkerPool:
         if reshaped:
             self._changed()
         return True
+
+    def share(self, free: int, prefetch: int) -> tuple[int, int]:
+        """This partition's claim on a worker's reported free slots, and how much of it is queue room.
+
+        Idle slots and queue room are shared out separately (ceil of each over P), so a partition
+        still tells an idle slot from room behind busy ones. With one partition: all of it.
+        """
+        if self.partitions == 1:
+            return free, prefetch
+        idle = max(0, free - prefetch)
+        idle_share = -(-idle // self.partitions)
+        return idle_share + -(-(free - idle) // self.partitions), -(-(free - idle) // self.partitions)
 
     def _changed(self) -> None:
         self._lanes.clear()

@@ -45,6 +45,10 @@ STALL_REASONS = frozenset(
 @dataclass(frozen=True, slots=True)
 class Config:
     prefix: str = "sluicegate"
+    partition: int = 0  # which scheduler partition this is, of `partitions`
+    partitions: int = 1
+    synthetic_cost: float = 0.0  # seconds of work added to each placement (benchmarks only)
+    synthetic_wait: bool = False  # the synthetic cost blocks without using the CPU (a model of more cores)
     max_dispatch_attempts: int = 5
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_lanes: int = 1000
@@ -71,10 +75,10 @@ class Core:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.pool = pool or WorkerPool()
+        self.pool = pool or WorkerPool(config.partitions)
         self.clock, self.wall = clock, wall
         self.rng = rng or random.Random()
-        self.book = LaneBook(config.prefix, config.max_lanes)
+        self.book = LaneBook(amqp.Topology(config.prefix, config.partition).own, config.max_lanes)
         self.ledger = Ledger()
         self.outbox = Outbox(max_items=config.max_batch)
         self.stats = SchedulerStats()

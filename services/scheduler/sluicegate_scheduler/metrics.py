@@ -42,6 +42,12 @@ class SchedulerMetrics:
         )
         yield gauge("sluicegate_leading", "1 while this scheduler holds the lead.", float(s.leading.is_set()))
         yield gauge(
+            "sluicegate_scheduler_partition", "The scheduler partition this one leads or stands by for.", core.config.partition
+        )
+        yield counter(
+            "sluicegate_returned_strays", "Requeued attempts of another partition sent on to it.", stats.returned_strays
+        )
+        yield gauge(
             "sluicegate_known_workers", "Workers in the scheduler's view that take work.", sum(w.ready for w in workers)
         )
         yield gauge(

@@ -63,6 +63,19 @@ class SchedulerSettings(BaseSettings):
     )
     fairness_weights: str = Field(default="", description="Shares of fairness keys: key=weight, comma-separated.")
     tenant_weights: str = Field(default="", description="Shares of tenants' intakes: tenant=weight, comma-separated.")
+    partition: int = Field(
+        default=0,
+        ge=0,
+        le=63,
+        description="Which scheduler partition this scheduler leads or stands by for (below SLUICEGATE_PARTITIONS).",
+    )
+    synthetic_cost: timedelta = Field(
+        default=timedelta(0),
+        description="Work added to every placement, for benchmarks that make the scheduler the bottleneck; 0 in use.",
+    )
+    synthetic_wait: bool = Field(
+        default=False, description="The synthetic cost blocks without using the CPU (a model of one core each)."
+    )
     heartbeat: int = Field(
         default=5, ge=1, le=60, description="AMQP heartbeat in seconds: a hung scheduler loses its lead after ~3x."
     )

@@ -20,3 +20,4 @@ class SchedulerStats:
     duplicate_requeues: int = 0
     duplicate_tasks: int = 0
     unroutable_assignments: int = 0
+    returned_strays: int = 0  # requeued attempts of another partition, sent on to it

@@ -1,0 +1,157 @@
+"""Unit tests of scheduler partitions: routing by tenant, names per partition, shares of free slots, counts per partition."""
+
+from __future__ import annotations
+
+import pytest
+
+from sluicegate import amqp
+from sluicegate.errors import InvalidInput
+from sluicegate_dispatcher.sessions import Sessions
+from sluicegate_dispatcher.settlement import _requeue_destination
+from sluicegate_scheduler.app import core_config
+from sluicegate_scheduler.assignment import WorkerPool, WorkerReport, received_of
+from sluicegate_scheduler.core import Config, Core
+from sluicegate_scheduler.settings import SchedulerSettings
+
+pytestmark = pytest.mark.timeout(5)
+
+
+def test_one_partition_routes_every_tenant_to_partition_0() -> None:
+    assert {amqp.partition_of(f"tenant-{i}", 1) for i in range(100)} == {0}
+
+
+def test_partition_of_is_stable_and_spreads_tenants() -> None:
+    assert amqp.partition_of("acme", 4) == amqp.partition_of("acme", 4)
+    counts = [0] * 4
+    for i in range(4000):
+        counts[amqp.partition_of(f"tenant-{i}", 4)] += 1
+    assert min(counts) > 800  # roughly even: 1000 each
+
+
+def test_partition_0_keeps_every_name_of_the_unpartitioned_topology() -> None:
+    plain, zero = amqp.Topology("sg"), amqp.Topology("sg", 0)
+    for name in ("tasks", "unrouted", "registry", "leader", "due", "lane_prefix", "requeue", "assign", "events"):
+        assert getattr(plain, name) == getattr(zero, name)
+    assert zero.tasks == "sg.tasks"
+    assert zero.requeue == "sg.requeue"
+    assert zero.intake("t") == "sg.intake.t"
+
+
+def test_another_partition_has_its_own_scheduler_names_and_shares_the_rest() -> None:
+    one = amqp.Topology("sg").of_partition(1)
+    assert one.tasks == "sg.p1.tasks"
+    assert one.unrouted == "sg.p1.tasks.unrouted"
+    assert one.intake("t") == "sg.p1.intake.t"
+    assert (one.registry, one.leader, one.due) == ("sg.p1.scheduler.registry", "sg.p1.scheduler.leader", "sg.p1.due")
+    assert one.delay(100) == "sg.p1.delay.100ms"
+    assert one.lane_prefix == "sg.p1.lane."
+    assert one.requeue == "sg.p1.requeue"
+    # What dispatchers, clients and the recorder share keeps the plain prefix.
+    assert (one.assign, one.events, one.dead, one.control, one.cancels) == (
+        "sg.assign",
+        "sg.events",
+        "sg.dead",
+        "sg.control",
+        "sg.cancels",
+    )
+    assert one.inbox("d1") == "sg.dispatcher.d1"
+
+
+def test_lanes_of_a_partition_are_named_under_its_own_prefix() -> None:
+    core = Core(Config(prefix="sg", partition=1, partitions=2))
+    assert core.book.prefix == "sg.p1"
+    assert Core(Config(prefix="sg")).book.prefix == "sg"
+
+
+def test_a_partition_must_be_below_the_count() -> None:
+    with pytest.raises(InvalidInput, match="partition 2"):
+        core_config(SchedulerSettings(partition=2), "sg", partitions=2)
+    assert core_config(SchedulerSettings(partition=1), "sg", partitions=2).partition == 1
+
+
+def report(free: int, prefetch: int = 0, received: int = 0, slots: int = 8) -> WorkerReport:
+    return WorkerReport(
+        worker_id="w1",
+        session_id="s1",
+        tenant="t",
+        actions=["a"],
+        labels={},
+        slots=slots,
+        free_slots=free,
+        ready=True,
+        received=received,
+        prefetch=prefetch,
+    )
+
+
+def view(pool: WorkerPool, r: WorkerReport, seq: int = 1) -> tuple[int, int]:
+    pool.update("d1", seq, False, [r], 0.0)
+    (worker,) = list(pool)
+    return worker.free, worker.prefetch
+
+
+def test_one_partition_sees_all_free_slots() -> None:
+    assert view(WorkerPool(), report(free=7, prefetch=3)) == (7, 3)
+
+
+@pytest.mark.parametrize(
+    ("partitions", "free", "prefetch", "expected"),
+    [
+        (2, 8, 0, (4, 0)),
+        (2, 7, 3, (4, 2)),  # idle 4 -> 2, room 3 -> 2
+        (2, 1, 0, (1, 0)),  # a single free slot is offered to both: one of them will be turned away
+        (4, 8, 4, (2, 1)),
+        (2, 0, 0, (0, 0)),
+    ],
+)
+def test_each_partition_claims_its_share_of_idle_slots_and_of_queue_room(
+    partitions: int, free: int, prefetch: int, expected: tuple[int, int]
+) -> None:
+    assert view(WorkerPool(partitions), report(free=free, prefetch=prefetch)) == expected
+
+
+def test_shares_of_all_partitions_overshoot_a_report_by_at_most_two_per_extra_partition() -> None:
+    for partitions in (2, 3, 4):
+        for free in range(0, 20):
+            for prefetch in range(0, free + 1):
+                share, _ = WorkerPool(partitions).share(free, prefetch)
+                assert free <= share * partitions <= free + 2 * (partitions - 1)
+
+
+def test_a_partition_counts_only_its_own_assignments_in_transit() -> None:
+    pool = WorkerPool(2)
+    pool.update("d1", 1, False, [report(free=8, received=0)], 0.0)
+    (worker,) = list(pool)
+    for _ in range(3):
+        pool.assigned(worker)
+    assert worker.free == 1  # 4 - 3 in transit
+    # The dispatcher consumed them (and others of the other partition): nothing of ours in transit.
+    pool.update("d1", 2, False, [report(free=2, received=3)], 0.0)
+    assert worker.free == 1  # 2 // 2
+
+
+def test_received_per_partition_comes_from_the_split_counts() -> None:
+    assert received_of(9, [], 0) == 9
+    assert received_of(9, [], 1) == 0
+    assert received_of(9, [5, 4], 1) == 4
+    assert received_of(9, [5, 4], 0) == 5
+    assert received_of(9, [5, 4], 3) == 0
+
+
+def test_dispatcher_counts_received_per_partition_once_a_partition_other_than_0_assigns() -> None:
+    sessions = Sessions()
+    session, _ = sessions.register(worker_id="w1", tenant="t", actions=frozenset({"a"}), labels={}, slots=2, now=0.0)
+    sessions.count_received("w1", session.session_id)
+    sessions.count_received("w1", session.session_id, 0)
+    assert session.received == 2
+    assert session.received_by_partition == []
+    sessions.count_received("w1", session.session_id, 2)
+    sessions.count_received("w1", session.session_id, 0)
+    assert session.received == 4
+    assert session.received_by_partition == [3, 0, 1]
+
+
+def test_requeues_are_grouped_per_partition_and_partition_0_keeps_the_bare_reason() -> None:
+    assert _requeue_destination("no_slot", 0) == "no_slot"
+    assert _requeue_destination("no_slot", 3) == "no_slot@p3"
+    assert "no_slot@p3".partition("@p") == ("no_slot", "@p", "3")
