@@ -98,8 +98,8 @@ def test_one_partition_sees_all_free_slots() -> None:
     ("partitions", "free", "prefetch", "expected"),
     [
         (2, 8, 0, (4, 0)),
-        (2, 7, 3, (4, 2)),  # idle 4 -> 2, room 3 -> 2
-        (2, 1, 0, (1, 0)),  # a single free slot is offered to both: one of them will be turned away
+        (2, 7, 3, (3, 1)),  # idle 4 -> 2; room 3 -> 1, and the odd place is partition 1's this turn
+        (2, 1, 0, (1, 0)),  # a single idle slot is offered to both: one of them may be turned away
         (4, 8, 4, (2, 1)),
         (2, 0, 0, (0, 0)),
     ],
@@ -110,12 +110,20 @@ def test_each_partition_claims_its_share_of_idle_slots_and_of_queue_room(
     assert view(WorkerPool(partitions), report(free=free, prefetch=prefetch)) == expected
 
 
-def test_shares_of_all_partitions_overshoot_a_report_by_at_most_two_per_extra_partition() -> None:
+def test_queue_room_is_shared_exactly_and_the_odd_place_goes_round() -> None:
+    for turn in range(4):
+        shares = [WorkerPool(2, k).share(free=1, prefetch=1, turn=turn) for k in range(2)]
+        assert sorted(shares) == [(0, 0), (1, 1)]
+        assert shares[turn % 2] == (1, 1)
+
+
+def test_shares_of_all_partitions_overshoot_a_report_by_at_most_one_per_extra_partition() -> None:
     for partitions in (2, 3, 4):
-        for free in range(0, 20):
-            for prefetch in range(0, free + 1):
-                share, _ = WorkerPool(partitions).share(free, prefetch)
-                assert free <= share * partitions <= free + 2 * (partitions - 1)
+        for free in range(20):
+            for prefetch in range(free + 1):
+                for turn in range(partitions):
+                    total = sum(WorkerPool(partitions, k).share(free, prefetch, turn)[0] for k in range(partitions))
+                    assert free <= total <= free + partitions - 1
 
 
 def test_a_partition_counts_only_its_own_assignments_in_transit() -> None:

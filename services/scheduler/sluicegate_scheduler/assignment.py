@@ -5,10 +5,10 @@ what it published itself (`sent` against the dispatcher's `received`), so a burs
 over-commits a worker, and the same ledger counts running tasks per concurrency key.
 
 With P scheduler partitions assigning to the same workers, each partition counts only its own
-assignments (the dispatcher reports `received` per partition) and claims at most its share,
-about F / P rounded up, of the F free slots a report shows: together they overshoot a report by at
-most 2(P - 1) per worker, which waits in the dispatcher's queue room or comes back as NO_SLOT, and
-never reaches the worker (the dispatcher writes to a worker only into a free slot).
+assignments (the dispatcher reports `received` per partition) and claims only its share of
+the free slots a report shows (`share`): together they overshoot a report by at most P - 1 per
+worker, which waits in the dispatcher's queue room or comes back as NO_SLOT, and never reaches the
+worker (the dispatcher writes to a worker only into a free slot).
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class _DispatcherView:
 class WorkerPool:
     """The scheduler's view of every worker, replaced per dispatcher by each state snapshot."""
 
-    def __init__(self, partitions: int = 1) -> None:
-        self.partitions = partitions
+    def __init__(self, partitions: int = 1, partition: int = 0) -> None:
+        self.partitions, self.partition = partitions, partition
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
@@ -147,7 +147,7 @@ class WorkerPool:
         for w in workers:
             reported.add(w.session_id)
             ready = w.ready and not draining
-            free, prefetch = self.share(w.free_slots, w.prefetch)
+            free, prefetch = self.share(w.free_slots, w.prefetch, seq)
             current = view.workers.get(w.session_id)
             if current is None:
                 view.workers[w.session_id] = WorkerView(
@@ -183,17 +183,22 @@ class WorkerPool:
             self._changed()
         return True
 
-    def share(self, free: int, prefetch: int) -> tuple[int, int]:
+    def share(self, free: int, prefetch: int, turn: int = 0) -> tuple[int, int]:
         """This partition's claim on a worker's reported free slots, and how much of it is queue room.
 
-        Idle slots and queue room are shared out separately (ceil of each over P), so a partition
-        still tells an idle slot from room behind busy ones. With one partition: all of it.
+        Idle slots are shared rounded up: a partition with work never leaves an idle slot unused
+        because the others might want it (overshoot: at most P - 1, which then waits in the queue
+        room or is refused). Queue room is shared exactly: P - 1 of every P places are the others',
+        and the places left over go round by `turn` (the report's seq, the same for every partition).
+        With one partition: all of it.
         """
-        if self.partitions == 1:
+        parts = self.partitions
+        if parts == 1:
             return free, prefetch
-        idle = max(0, free - prefetch)
-        idle_share = -(-idle // self.partitions)
-        return idle_share + -(-(free - idle) // self.partitions), -(-(free - idle) // self.partitions)
+        room = min(prefetch, free)
+        idle = free - room
+        room_share = room // parts + ((self.partition - turn) % parts < room % parts)
+        return -(-idle // parts) + room_share, room_share
 
     def _changed(self) -> None:
         self._lanes.clear()

@@ -75,7 +75,7 @@ class Core:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.pool = pool or WorkerPool(config.partitions)
+        self.pool = pool or WorkerPool(config.partitions, config.partition)
         self.clock, self.wall = clock, wall
         self.rng = rng or random.Random()
         self.book = LaneBook(amqp.Topology(config.prefix, config.partition).own, config.max_lanes)
