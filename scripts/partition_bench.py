@@ -22,10 +22,13 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sluicegate import amqp
 from sluicegate.client import Client, TaskSpec
@@ -71,18 +74,27 @@ class Processes:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.started: list[asyncio.subprocess.Process] = []
+        self.started: list[tuple[asyncio.subprocess.Process, str, Any]] = []
 
     async def start(self, *args: str, **env: str) -> asyncio.subprocess.Process:
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sluicegate", "--log-level", "WARNING", *args,
-            env={**self.env, **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={**self.env, **env}, stdout=asyncio.subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
-        self.started.append(process)
+        self.started.append((process, args[0], log))
         return process
 
+    def check(self) -> None:
+        """Stop the run, with the process's last words, if any process has ended."""
+        for process, role, log in self.started:
+            if process.returncode is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise SystemExit(f"the {role} process exited with {process.returncode}:\n{tail}")
+
     async def stop(self) -> None:
-        for process in reversed(self.started):
+        for process, _, log in reversed(self.started):
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -90,11 +102,13 @@ class Processes:
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+            log.close()
 
 
-async def until(check: object, what: str, timeout: float = 60.0) -> None:
+async def until(check: Callable[[], bool], what: str, processes: Processes, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
+    while not await asyncio.to_thread(check):
+        processes.check()
         if time.monotonic() > deadline:
             raise SystemExit(f"{what}: not within {timeout:.0f}s")
         await asyncio.sleep(0.2)
@@ -131,6 +145,7 @@ async def run_once(args: argparse.Namespace, partitions: int) -> Run:
                 SLUICEGATE_SCHEDULER_PARTITION=str(partition),
                 SLUICEGATE_SCHEDULER_SYNTHETIC_COST=args.cost,
                 SLUICEGATE_SCHEDULER_SYNTHETIC_WAIT="true" if args.mode == "wait" else "false",
+                SLUICEGATE_SCHEDULER_SLOT_SHARE=args.slot_share,
             )
         dispatcher_metrics = free_port()
         await processes.start(
@@ -138,7 +153,8 @@ async def run_once(args: argparse.Namespace, partitions: int) -> Run:
             SLUICEGATE_METRICS_PORT=str(dispatcher_metrics),
         )  # fmt: skip
         for port in [*scheduler_ports, dispatcher_metrics]:
-            await until(lambda port=port: scrape(port, "/readyz")[0] == 200, f"process on metrics port {port} ready")
+            ready = f"process on metrics port {port} ready"
+            await until(lambda port=port: scrape(port, "/readyz")[0] == 200, ready, processes)
         for index in range(args.workers):
             await processes.start(
                 "worker", "--dispatchers", f"127.0.0.1:{grpc_port}", "--slots", str(args.slots),
@@ -149,6 +165,7 @@ async def run_once(args: argparse.Namespace, partitions: int) -> Run:
             await until(
                 lambda port=port: metric(scrape(port)[1], "sluicegate_known_workers") >= args.workers,
                 "every scheduler knows every worker",
+                processes,
             )
         keys = keys_for(partitions)
         async with Client(broker) as client:
@@ -185,6 +202,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=3000, help="tasks per run (default 3000)")
     parser.add_argument("--cost", default="2ms", help="synthetic cost per placement (default 2ms)")
     parser.add_argument("--mode", choices=["cpu", "wait"], default="cpu", help="how the cost is spent (default cpu)")
+    parser.add_argument(
+        "--slot-share", choices=["exact", "eager"], default="exact", help="how partitions share free slots"
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--slots", type=int, default=64, help="slots per worker (default 64)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a run's results")
@@ -198,7 +218,7 @@ async def main(argv: list[str] | None = None) -> int:
         print("--partitions must be between 1 and 64, --tasks at least 10", file=sys.stderr)
         return 2
     print(
-        f"partition bench: {args.tasks} tasks, cost {args.cost} per placement ({args.mode}), "
+        f"partition bench: {args.tasks} tasks, cost {args.cost} per placement ({args.mode}), {args.slot_share} shares, "
         f"{args.workers} workers x {args.slots} slots shared by every partition, {os.cpu_count()} cores"
     )
     runs: list[Run] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sluicegate import amqp
@@ -94,36 +96,48 @@ def test_one_partition_sees_all_free_slots() -> None:
     assert view(WorkerPool(), report(free=7, prefetch=3)) == (7, 3)
 
 
-@pytest.mark.parametrize(
-    ("partitions", "free", "prefetch", "expected"),
-    [
-        (2, 8, 0, (4, 0)),
-        (2, 7, 3, (3, 1)),  # idle 4 -> 2; room 3 -> 1, and the odd place is partition 1's this turn
-        (2, 1, 0, (1, 0)),  # a single idle slot is offered to both: one of them may be turned away
-        (4, 8, 4, (2, 1)),
-        (2, 0, 0, (0, 0)),
-    ],
-)
-def test_each_partition_claims_its_share_of_idle_slots_and_of_queue_room(
-    partitions: int, free: int, prefetch: int, expected: tuple[int, int]
-) -> None:
-    assert view(WorkerPool(partitions), report(free=free, prefetch=prefetch)) == expected
+def report_of(free: int, prefetch: int = 0, session: str = "s1") -> WorkerReport:
+    return WorkerReport(
+        worker_id="w1", session_id=session, tenant="t", actions=["a"], labels={}, slots=32,
+        free_slots=free, ready=True, received=0, prefetch=prefetch,
+    )  # fmt: skip
 
 
-def test_queue_room_is_shared_exactly_and_the_odd_place_goes_round() -> None:
-    for turn in range(4):
-        shares = [WorkerPool(2, k).share(free=1, prefetch=1, turn=turn) for k in range(2)]
-        assert sorted(shares) == [(0, 0), (1, 1)]
-        assert shares[turn % 2] == (1, 1)
+def claims(partitions: int, r: WorkerReport, seq: int, *, eager: bool = False) -> list[tuple[int, int]]:
+    return [WorkerPool(partitions, k, eager=eager).claim(r, seq) for k in range(partitions)]
 
 
-def test_shares_of_all_partitions_overshoot_a_report_by_at_most_one_per_extra_partition() -> None:
+def test_exact_claims_add_up_to_the_report_and_the_leftovers_go_round() -> None:
     for partitions in (2, 3, 4):
         for free in range(20):
             for prefetch in range(free + 1):
-                for turn in range(partitions):
-                    total = sum(WorkerPool(partitions, k).share(free, prefetch, turn)[0] for k in range(partitions))
-                    assert free <= total <= free + partitions - 1
+                for seq in range(partitions):
+                    got = claims(partitions, report_of(free, prefetch), seq)
+                    assert sum(f for f, _ in got) == free
+                    assert sum(r for _, r in got) == min(prefetch, free)
+                    assert all(f - r <= -(-(free - min(prefetch, free)) // partitions) for f, r in got)
+    # A single idle slot is one partition's per report, and each partition's in turn.
+    owners = [next(k for k, (f, _) in enumerate(claims(2, report_of(1), seq)) if f) for seq in range(4)]
+    assert sorted(owners[:2]) == [0, 1]
+    assert owners[:2] == owners[2:]
+
+
+def test_eager_claims_leave_no_idle_slot_unclaimed_and_overshoot_by_at_most_one_per_extra_partition() -> None:
+    for partitions in (2, 3, 4):
+        for free in range(20):
+            for prefetch in range(free + 1):
+                for session in ("s1", "s2", "s3"):
+                    got = claims(partitions, report_of(free, prefetch, session), 7, eager=True)
+                    idle = free - min(prefetch, free)
+                    assert all(f - r == -(-idle // partitions) for f, r in got)
+                    assert free <= sum(f for f, _ in got) <= free + partitions - 1
+    assert claims(2, report_of(1), 0, eager=True) == [(1, 0), (1, 0)]  # both may take the one idle slot
+
+
+def test_the_pool_applies_its_claim_to_each_report() -> None:
+    assert view(WorkerPool(2, 1), report(free=8, prefetch=4)) == (4, 2)
+    assert view(WorkerPool(2, 0), report(free=8, prefetch=4)) == (4, 2)
+    assert view(WorkerPool(4, 3, eager=True), report(free=8, prefetch=4)) == (2, 1)
 
 
 def test_a_partition_counts_only_its_own_assignments_in_transit() -> None:
@@ -132,8 +146,8 @@ def test_a_partition_counts_only_its_own_assignments_in_transit() -> None:
     (worker,) = list(pool)
     for _ in range(3):
         pool.assigned(worker)
-    assert worker.free == 1  # 4 - 3 in transit
-    # The dispatcher consumed them (and others of the other partition): nothing of ours in transit.
+    assert worker.free == 1  # its 4 of 8, less 3 in transit
+    # The dispatcher consumed them (with others of the other partition): nothing of ours in transit.
     pool.update("d1", 2, False, [report(free=2, received=3)], 0.0)
     assert worker.free == 1  # 2 // 2
 
@@ -163,3 +177,19 @@ def test_requeues_are_grouped_per_partition_and_partition_0_keeps_the_bare_reaso
     assert _requeue_destination("no_slot", 0) == "no_slot"
     assert _requeue_destination("no_slot", 3) == "no_slot@p3"
     assert "no_slot@p3".partition("@p") == ("no_slot", "@p", "3")
+
+
+def test_the_synthetic_cost_is_a_short_duration() -> None:
+    assert SchedulerSettings(synthetic_cost="2ms").synthetic_cost.total_seconds() == pytest.approx(0.002)
+    assert SchedulerSettings().synthetic_cost.total_seconds() == 0
+    with pytest.raises(ValueError, match="between 0 and 1s"):
+        SchedulerSettings(synthetic_cost="2s")
+
+
+def test_a_placement_with_a_synthetic_cost_takes_at_least_that_long() -> None:
+    from sluicegate_scheduler.placement import _burn
+
+    for wait in (False, True):
+        started = time.perf_counter()
+        _burn(0.01, wait=wait)
+        assert time.perf_counter() - started >= 0.01

@@ -54,6 +54,7 @@ def core_config(settings: SchedulerSettings, prefix: str, partitions: int = 1) -
         prefix=prefix,
         partition=settings.partition,
         partitions=partitions,
+        eager_share=settings.slot_share == "eager",
         synthetic_cost=settings.synthetic_cost.total_seconds(),
         synthetic_wait=settings.synthetic_wait,
         max_dispatch_attempts=settings.max_dispatch_attempts,

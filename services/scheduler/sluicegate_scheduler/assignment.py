@@ -5,15 +5,16 @@ what it published itself (`sent` against the dispatcher's `received`), so a burs
 over-commits a worker, and the same ledger counts running tasks per concurrency key.
 
 With P scheduler partitions assigning to the same workers, each partition counts only its own
-assignments (the dispatcher reports `received` per partition) and claims only its share of
-the free slots a report shows (`share`): together they overshoot a report by at most P - 1 per
-worker, which waits in the dispatcher's queue room or comes back as NO_SLOT, and never reaches the
-worker (the dispatcher writes to a worker only into a free slot).
+assignments (the dispatcher reports `received` per partition) and claims only its part of the
+free slots each report shows (`claim`). What an overshoot sends waits in the dispatcher's queue
+room or comes back as NO_SLOT, and never reaches the worker (the dispatcher writes to a worker
+only into a free slot).
 """
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,8 +94,8 @@ class _DispatcherView:
 class WorkerPool:
     """The scheduler's view of every worker, replaced per dispatcher by each state snapshot."""
 
-    def __init__(self, partitions: int = 1, partition: int = 0) -> None:
-        self.partitions, self.partition = partitions, partition
+    def __init__(self, partitions: int = 1, partition: int = 0, *, eager: bool = False) -> None:
+        self.partitions, self.partition, self.eager = partitions, partition, eager
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
@@ -147,7 +148,7 @@ class WorkerPool:
         for w in workers:
             reported.add(w.session_id)
             ready = w.ready and not draining
-            free, prefetch = self.share(w.free_slots, w.prefetch, seq)
+            free, prefetch = self.claim(w, seq) if self.partitions > 1 else (w.free_slots, w.prefetch)
             current = view.workers.get(w.session_id)
             if current is None:
                 view.workers[w.session_id] = WorkerView(
@@ -183,22 +184,24 @@ class WorkerPool:
             self._changed()
         return True
 
-    def share(self, free: int, prefetch: int, turn: int = 0) -> tuple[int, int]:
+    def claim(self, w: WorkerReport, seq: int) -> tuple[int, int]:
         """This partition's claim on a worker's reported free slots, and how much of it is queue room.
 
-        Idle slots are shared rounded up: a partition with work never leaves an idle slot unused
-        because the others might want it (overshoot: at most P - 1, which then waits in the queue
-        room or is refused). Queue room is shared exactly: P - 1 of every P places are the others',
-        and the places left over go round by `turn` (the report's seq, the same for every partition).
-        With one partition: all of it.
+        Exact (the default): every partition gets F // P of the F free slots, and the slots left
+        over go round by turn (the report's seq and the session: the same for every partition that
+        read the report), so the claims add up to what the report shows. A slot whose turn is an
+        idle partition's waits for the worker's next report. Eager: idle slots are claimed rounded
+        up, so a partition with work never leaves one for the others, and together they overshoot
+        by at most P - 1 (turned away as NO_SLOT). Idle slots and queue room are shared apart, so a
+        partition still tells one from the other.
         """
         parts = self.partitions
-        if parts == 1:
-            return free, prefetch
-        room = min(prefetch, free)
-        idle = free - room
-        room_share = room // parts + ((self.partition - turn) % parts < room % parts)
-        return -(-idle // parts) + room_share, room_share
+        room = min(w.prefetch, w.free_slots)
+        idle = w.free_slots - room
+        mine = (self.partition - seq - zlib.crc32(w.session_id.encode())) % parts
+        idle_claim = -(-idle // parts) if self.eager else idle // parts + (mine < idle % parts)
+        room_claim = room // parts + ((mine - idle) % parts < room % parts)
+        return idle_claim + room_claim, room_claim
 
     def _changed(self) -> None:
         self._lanes.clear()

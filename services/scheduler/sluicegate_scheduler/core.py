@@ -47,6 +47,7 @@ class Config:
     prefix: str = "sluicegate"
     partition: int = 0  # which scheduler partition this is, of `partitions`
     partitions: int = 1
+    eager_share: bool = False  # partitions claim idle slots rounded up (see WorkerPool.share)
     synthetic_cost: float = 0.0  # seconds of work added to each placement (benchmarks only)
     synthetic_wait: bool = False  # the synthetic cost blocks without using the CPU (a model of more cores)
     max_dispatch_attempts: int = 5
@@ -75,7 +76,7 @@ class Core:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.pool = pool or WorkerPool(config.partitions, config.partition)
+        self.pool = pool or WorkerPool(config.partitions, config.partition, eager=config.eager_share)
         self.clock, self.wall = clock, wall
         self.rng = rng or random.Random()
         self.book = LaneBook(amqp.Topology(config.prefix, config.partition).own, config.max_lanes)

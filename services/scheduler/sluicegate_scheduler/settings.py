@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
-from sluicegate.durations import PositiveDuration
+from sluicegate.durations import Duration, PositiveDuration
 from sluicegate.errors import InvalidInput
 from sluicegate.settings import settings_config
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD
@@ -69,7 +69,14 @@ class SchedulerSettings(BaseSettings):
         le=63,
         description="Which scheduler partition this scheduler leads or stands by for (below SLUICEGATE_PARTITIONS).",
     )
-    synthetic_cost: timedelta = Field(
+    slot_share: Literal["exact", "eager"] = Field(
+        default="exact",
+        description=(
+            "How partitions share a worker's free slots: exact (the claims add up to what the dispatcher reports) or"
+            " eager (idle slots rounded up: none left unclaimed, at most P-1 too many, turned away as NO_SLOT)."
+        ),
+    )
+    synthetic_cost: Duration = Field(
         default=timedelta(0),
         description="Work added to every placement, for benchmarks that make the scheduler the bottleneck; 0 in use.",
     )
@@ -79,6 +86,13 @@ class SchedulerSettings(BaseSettings):
     heartbeat: int = Field(
         default=5, ge=1, le=60, description="AMQP heartbeat in seconds: a hung scheduler loses its lead after ~3x."
     )
+
+    @field_validator("synthetic_cost")
+    @classmethod
+    def _cost(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) <= value <= timedelta(seconds=1):
+            raise ValueError("must be between 0 and 1s")
+        return value
 
     @field_validator("concurrency")
     @classmethod
