@@ -207,6 +207,7 @@ async def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--slots", type=int, default=64, help="slots per worker (default 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per count, the median reported (default 1)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a run's results")
     args = parser.parse_args(argv)
     try:
@@ -214,8 +215,8 @@ async def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("--partitions takes a comma-separated list of whole numbers", file=sys.stderr)
         return 2
-    if not counts or min(counts) < 1 or max(counts) > 64 or args.tasks < 10:
-        print("--partitions must be between 1 and 64, --tasks at least 10", file=sys.stderr)
+    if not counts or min(counts) < 1 or max(counts) > 64 or args.tasks < 10 or not 1 <= args.repeat <= 20:
+        print("--partitions must be between 1 and 64, --tasks at least 10, --repeat 1 to 20", file=sys.stderr)
         return 2
     print(
         f"partition bench: {args.tasks} tasks, cost {args.cost} per placement ({args.mode}), {args.slot_share} shares, "
@@ -223,13 +224,15 @@ async def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     for count in counts:
-        run = await run_once(args, count)
+        tries = [await run_once(args, count) for _ in range(args.repeat)]
+        run = sorted(tries, key=lambda r: r.rate)[len(tries) // 2]  # the median run
         runs.append(run)
         base = runs[0].rate
         print(
             f"P={run.partitions}: {run.rate:7.0f} tasks/s (x{run.rate / base:.2f} of P={runs[0].partitions}), "
             f"all {run.tasks} in {run.seconds:.1f}s, requeues {run.requeues:.2%} per task, "
-            f"assigned per partition {[int(a) for a in run.assigned]}",
+            f"assigned per partition {[int(a) for a in run.assigned]}; "
+            f"rates of the {args.repeat} runs {[round(t.rate) for t in tries]}, load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     return 0
