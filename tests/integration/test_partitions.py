@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import aio_pika
 import pytest
 
 from sluicegate import amqp
 from sluicegate.client import TaskSpec
 from sluicegate.settings import BrokerSettings
+from sluicegate.v1 import messages_pb2
+from sluicegate.wire import now_ms
 from sluicegate.worker import TaskContext, Worker
 
 from .conftest import Stack, eventually, stack_on
@@ -179,3 +183,40 @@ async def test_two_partitions_sharing_workers_never_overfill_a_worker_and_requeu
         f"peak per worker {dict(handlers.peak)} (slots {slots})"
     )
     assert set(requeues) <= {"no_slot"}, "sharing only ever costs NO_SLOT requeues"
+    # The dispatcher sent each partition's requeues straight back to it, none through partition 0.
+    assert first.stats.returned_strays == 0
+    assert second.stats.returned_strays == 0
+
+
+async def test_another_partitions_attempt_dead_lettered_to_partition_0_is_sent_on_to_its_partition(
+    parted: Stack,
+) -> None:
+    t1 = named(1)
+    first = await parted.start_scheduler(partition=0)
+    second = await parted.start_scheduler(partition=1)
+    await eventually(lambda: first.leading.is_set() and second.leading.is_set())
+    dispatcher = await parted.start_dispatcher()
+    handlers = Slots(hold=0.0)
+    worker = handlers.worker(parted.address(dispatcher), "w1", 4, t1)
+    await parted.start_worker(dispatcher, "w1", worker=worker)
+    await eventually(lambda: sum(w.ready for w in second.pool) == 1)
+    client = await parted.client()
+    # What the broker dead-letters from a dead dispatcher's inbox: an assignment of partition 1,
+    # on the one exchange every inbox dead-letters to, partition 0's `requeue` (no reason header).
+    task = messages_pb2.Task(
+        task_id=uuid.uuid4().hex, tenant=t1, action="work", payload=b"x", reply_to=client.client_id,
+        submitted_at_ms=now_ms(),
+    )  # fmt: skip
+    lost = messages_pb2.Assignment(task=task, attempt=1, worker_id="gone", session_id="gone", partition=1)
+    connection = await aio_pika.connect(parted.broker.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(amqp.Topology(parted.broker.prefix).requeue)
+        await amqp.publish(exchange, "", messages_pb2.AssignmentBatch(assignments=[lost]).SerializeToString())
+    (result,) = await results_of(client, [task.task_id], timeout=30)
+    assert result.status == messages_pb2.TASK_STATUS_COMPLETED
+    assert handlers.runs[task.task_id] == 1
+    assert first.stats.returned_strays == 1, "partition 0 sent it on"
+    assert first.stats.assigned == 0, "and did not place it itself"
+    assert second.stats.requeued["lease_expired"] == 1, "partition 1 took it as the broker's requeue"
+    assert second.stats.assigned == 1

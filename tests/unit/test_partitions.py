@@ -193,3 +193,49 @@ def test_a_placement_with_a_synthetic_cost_takes_at_least_that_long() -> None:
         started = time.perf_counter()
         _burn(0.01, wait=wait)
         assert time.perf_counter() - started >= 0.01
+
+
+def test_submit_takes_either_spread_or_one_partition_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from sluicegate.cli import main
+
+    assert main(["submit", "echo", "--spread", "--partition-key", "k1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sluicegate: --spread and --partition-key exclude each other"]
+
+
+def test_a_partition_key_too_long_is_refused_before_anything_is_sent() -> None:
+    from sluicegate.client import Client, TaskSpec
+
+    client = Client()
+    with pytest.raises(InvalidInput, match="partition_key"):
+        client._build(TaskSpec("echo", partition_key="k" * 257))
+    # The key picks the partition, not the tenant.
+    spec = TaskSpec("echo", tenant="acme", partition_key="k1")
+    assert amqp.partition_of("acme", 4, "k1") == amqp.partition_of("other", 4, "k1")
+    assert client._partition(spec) == 0  # one partition configured: everything is partition 0's
+
+
+@pytest.mark.parametrize(("partitions", "spent"), [(1, 1), (2, 0)])
+def test_a_slot_lost_to_another_partition_spends_no_dispatch_attempt(partitions: int, spent: int) -> None:
+    from sluicegate.reasons import Reason
+    from sluicegate.v1 import messages_pb2
+    from sluicegate_scheduler.outbox import Kind
+
+    core = Core(Config(prefix="t", partitions=partitions, max_dispatch_attempts=1))
+    core.pool.update(
+        "d1", 1, False,
+        [WorkerReport(worker_id="w2", session_id="s2", tenant="t1", actions=["a"], labels={}, slots=2, free_slots=2,
+                      ready=True, received=0)],
+        0.0,
+    )  # fmt: skip
+    task = messages_pb2.Task(task_id="task-1", tenant="t1", action="a", reply_to="c1", submitted_at_ms=1)
+    turned_away = messages_pb2.Assignment(
+        task=task, attempt=1, worker_id="w1", history=[messages_pb2.Requeue(reason=Reason.NO_SLOT.value, attempt=1)]
+    )
+    core.take_requeued([turned_away], None, amqp.Delivery(object(), 1))
+    core.round()
+    entries = [e for d in core.outbox.ready(lambda _k, _d: True) for e in core.outbox.take(d)]
+    if spent:  # one partition: no free slot is a dispatch failure, and the one attempt is gone
+        assert [e.kind for e in entries] == [Kind.DEAD]
+    else:
+        assert [(e.kind, e.body.dispatch_failures) for e in entries] == [(Kind.ASSIGN, 0)]

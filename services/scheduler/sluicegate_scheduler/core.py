@@ -153,12 +153,15 @@ class Core:
                     )
                 )
             reason = reason_of(history)
+            # With partitions, a worker turned away what another partition claimed at the same time:
+            # a lost race for a slot, not a task that cannot be dispatched, so it spends no attempt.
+            contended = reason == Reason.NO_SLOT and self.config.partitions > 1
             item = Pending(
                 task=a.task,
                 source=source,
                 origin=Origin.REQUEUE,
                 attempt=a.attempt + 1,
-                dispatch_failures=a.dispatch_failures + reason.counts_as_dispatch_failure,
+                dispatch_failures=a.dispatch_failures + (reason.counts_as_dispatch_failure and not contended),
                 run_failures=a.run_failures + (reason == Reason.HANDLER_FAILED),
                 history=history,
                 avoid=frozenset({a.worker_id}) if a.worker_id else frozenset(),
