@@ -1,9 +1,9 @@
 # One command runner for people, CI and the README.
 PYTHON ?= .venv/bin/python
-LINTED := src services tests scripts deploy
+LINTED := src services tests scripts deploy bench
 
 .PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench bench-partitions chaos clean \
-	docker-engine docker-images image-test compose-test test-containers docker-stop docker-clean
+	docker-engine docker-images image-test compose-test test-containers test-containers-all docker-stop docker-clean
 BENCH_ARGS ?= --wait-quiet 300 --record
 
 venv: .venv/.installed
@@ -36,8 +36,9 @@ test-unit: venv
 test-integration: venv
 	$(PYTHON) -m pytest tests/integration
 
+# With no broker answering at RABBITMQ_URL, a throw-away one is started (and removed) for the demo.
 demo: venv
-	.venv/bin/sluicegate demo
+	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
 
 chaos: venv docker-images
 	$(PYTHON) scripts/chaos.py
@@ -65,10 +66,21 @@ compose-test: docker-images
 TEST_RABBITMQ_IMAGE ?= sluicegate-local/rabbitmq:3.10
 TEST_POSTGRES_IMAGE ?= sluicegate-local/postgres:15
 
+# CI runs a subset that reaches every module (dispatch, lanes, retries, deadlines, cancellation,
+# the store and recorder, tracing, failover, the edge, operator commands); test-containers-all runs
+# every integration test that way.
+CONTAINER_SUBSET ?= $(addprefix tests/integration/,test_dispatch.py test_lanes_later.py test_retries_and_expiry.py \
+	test_cancel_and_deadlines.py test_task_store.py test_task_records.py test_observability.py test_failover.py \
+	test_bad_input.py test_health_endpoints.py test_operator_commands.py)
+ON_CONTAINERS := env -u RABBITMQ_URL -u SLUICEGATE_RABBITMQ_URL TESTCONTAINERS_RYUK_DISABLED=true \
+	SLUICEGATE_TEST_RABBITMQ_IMAGE=$(TEST_RABBITMQ_IMAGE) SLUICEGATE_TEST_POSTGRES_IMAGE=$(TEST_POSTGRES_IMAGE) \
+	$(PYTHON) -m pytest -p no:cacheprovider -q
+
 test-containers: docker-images
-	env -u RABBITMQ_URL -u SLUICEGATE_RABBITMQ_URL TESTCONTAINERS_RYUK_DISABLED=true \
-		SLUICEGATE_TEST_RABBITMQ_IMAGE=$(TEST_RABBITMQ_IMAGE) SLUICEGATE_TEST_POSTGRES_IMAGE=$(TEST_POSTGRES_IMAGE) \
-		$(PYTHON) -m pytest -p no:cacheprovider -q tests/integration
+	$(ON_CONTAINERS) $(CONTAINER_SUBSET)
+
+test-containers-all: docker-images
+	$(ON_CONTAINERS) tests/integration
 
 docker-stop:
 	python3 scripts/containers.py stop-engine
@@ -77,7 +89,7 @@ docker-clean:
 	python3 scripts/containers.py clean
 
 bench: venv .venv/.bench-installed
-	$(PYTHON) -m sluicegate.bench $(BENCH_ARGS)
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 # Scheduling throughput with P = 1, 2, 4 scheduler partitions, the scheduler made the bottleneck by a
 # fixed synthetic cost per placement (BENCHMARKS.md, "Scheduler partitions").

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 
 from sluicegate.errors import PublishError, Unroutable
 from sluicegate.failover import FailoverConnection
+from sluicegate.refusals import REFUSALS, refused
 from sluicegate.settings import BrokerSettings, split_urls
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,10 @@ async def connect(
         try:
             await connection.connect(timeout=5)
             return connection
+        except REFUSALS as err:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise refused(err, addresses[(start + attempt - 1) % len(addresses)]) from err
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -395,6 +400,8 @@ async def connect_plain(
         try:
             connection: AbstractConnection = await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=5)
             return connection
+        except REFUSALS as err:
+            raise refused(err, url) from err
         except (TimeoutError, OSError, aiormq.exceptions.AMQPConnectionError) as err:
             untried = attempt % len(addresses) != 0
             if loop.time() + (0.0 if untried else delay) > give_up:
@@ -533,19 +540,24 @@ async def publish_until_confirmed(
 
 async def recorded_queues(connection: AbstractRobustConnection, topology: Topology) -> list[str]:
     """The lanes and intakes the scheduler's registry names (read, then put back); empty if it has none."""
+    return sorted(r.queue for r in await recorded_lanes(connection, topology))
+
+
+async def recorded_lanes(connection: AbstractRobustConnection, topology: Topology) -> list[Any]:
+    """The registry's LaneRecords (lanes and intakes, with their tenant and action), one per queue."""
     from google.protobuf.message import DecodeError
 
     from sluicegate.v1 import messages_pb2
 
     channel = await connection.channel()
-    names: set[str] = set()
+    records: dict[str, messages_pb2.LaneRecord] = {}
     try:
         queue = await channel.declare_queue(topology.registry, passive=True)
         got = []
         while (message := await queue.get(fail=False, timeout=10)) is not None:
             got.append(message)
             with contextlib.suppress(DecodeError):
-                names.update(r.queue for r in messages_pb2.LaneRecordBatch.FromString(message.body).records)
+                records.update((r.queue, r) for r in messages_pb2.LaneRecordBatch.FromString(message.body).records)
         for message in got:
             await message.nack(requeue=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
@@ -553,7 +565,7 @@ async def recorded_queues(connection: AbstractRobustConnection, topology: Topolo
     finally:
         with contextlib.suppress(Exception):
             await channel.close()
-    return sorted(names)
+    return [records[name] for name in sorted(records)]
 
 
 async def delete_topology(

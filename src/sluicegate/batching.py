@@ -47,8 +47,9 @@ class GroupCommit(Generic[T]):
         self._pending.setdefault(destination, []).extend(zip(items, futures, strict=True))
         if destination not in self._senders:
             self._senders[destination] = asyncio.create_task(self._send(destination))
-        for future in futures:
-            await future
+        # gather, not one await each: when a publish fails, every later future's error is retrieved too
+        # (else each logs "Future exception was never retrieved").
+        await asyncio.gather(*futures)
 
     def _take(self, destination: str) -> list[tuple[T, asyncio.Future[None]]]:
         pending = self._pending[destination]

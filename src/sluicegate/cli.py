@@ -6,80 +6,46 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import timedelta
+from importlib import metadata
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from sluicegate.durations import parse_duration
+from sluicegate.cli_base import (
+    HelpFormatter,
+    Parser,
+    add_common,
+    add_common_everywhere,
+    add_parser,
+    check_metrics,
+    duration,
+    observed,
+    stop_on_signals,
+    traced,
+)
+from sluicegate.cli_base import broker as _broker
 from sluicegate.errors import InvalidInput, PermanentError, SluicegateError
 from sluicegate.logs import configure
-from sluicegate.metrics import MetricsServer, MetricsSettings
-from sluicegate.settings import BrokerSettings, LogSettings, load
-from sluicegate.telemetry import setup_tracing, shutdown_tracing
+from sluicegate.settings import LogSettings, load
 from sluicegate.validation import parse_labels
 
-Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-def _broker(args: argparse.Namespace) -> BrokerSettings:
-    return load(BrokerSettings, prefix=args.prefix)
-
-
-@contextlib.asynccontextmanager
-async def _observed(registry: CollectorRegistry, ready: Callable[[], bool]) -> AsyncIterator[None]:
-    """Serve /metrics, /healthz and /readyz when SLUICEGATE_METRICS_PORT is set."""
-    settings = load(MetricsSettings)
-    if settings.port is None:
-        yield
-        return
-    async with MetricsServer(registry, host=settings.host, port=settings.port, ready=ready):
-        yield
-
-
-def _traced(role: str) -> Callable[[Command], Command]:
-    """Export traces over OTLP for the command's lifetime when an endpoint is configured."""
-
-    def wrap(command: Command) -> Command:
-        async def run(args: argparse.Namespace) -> int:
-            provider = setup_tracing(role)
-            try:
-                return await command(args)
-            finally:
-                shutdown_tracing(provider)
-
-        return run
-
-    return wrap
-
-
-@_traced("scheduler")
+@traced("scheduler")
 async def cmd_scheduler(args: argparse.Namespace) -> int:
     from sluicegate_scheduler.app import Scheduler
     from sluicegate_scheduler.settings import SchedulerSettings
 
     settings = load(SchedulerSettings, max_dispatch_attempts=args.max_dispatch_attempts)
-    stop = _stop_on_signals()
+    check_metrics()
+    stop = stop_on_signals()
     scheduler = Scheduler(settings, _broker(args))
-    async with scheduler, _observed(scheduler.metrics.registry, lambda: scheduler.ready):
+    async with scheduler, observed(scheduler.metrics.registry, lambda: scheduler.ready):
         await stop.wait()
     return 0
 
 
-@_traced("dispatcher")
+@traced("dispatcher")
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
     from sluicegate.lifecycle import LifecycleSettings
     from sluicegate_dispatcher.app import Dispatcher
@@ -93,9 +59,10 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         ack_timeout=args.ack_timeout,
         drain_grace=args.drain_grace,
     )
-    stop = _stop_on_signals()
+    check_metrics()
+    stop = stop_on_signals()
     dispatcher = Dispatcher(settings, _broker(args), lifecycle_settings=load(LifecycleSettings))
-    async with dispatcher, _observed(dispatcher.metrics.registry, lambda: dispatcher.ready):
+    async with dispatcher, observed(dispatcher.metrics.registry, lambda: dispatcher.ready):
         await stop.wait()
     return 0
 
@@ -126,21 +93,22 @@ def demo_worker(dispatchers: str | None, slots: int | None, worker_id: str = "",
     return worker
 
 
-@_traced("worker")
+@traced("worker")
 async def cmd_worker(args: argparse.Namespace) -> int:
     from sluicegate.worker import WorkerSettings
 
     # Flags replace SLUICEGATE_WORKER_LABELS as a whole, as every flag replaces its variable.
     labels = parse_labels(args.label) if args.label else None
     settings = load(WorkerSettings, dispatchers=args.dispatchers, slots=args.slots, tenant=args.tenant, labels=labels)
+    check_metrics()
     worker = demo_worker(None, None, args.worker_id or "", settings)
-    stop = _stop_on_signals()
-    async with worker, _observed(worker.metrics(), worker.registered.is_set):
+    stop = stop_on_signals()
+    async with worker, observed(worker.metrics(), worker.registered.is_set):
         await stop.wait()
     return 0
 
 
-@_traced("client")
+@traced("client")
 async def cmd_submit(args: argparse.Namespace) -> int:
     from sluicegate.client import Client, TaskSpec
     from sluicegate.report import Progress, summarize
@@ -159,8 +127,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         priority=args.priority,
         max_retries=args.max_retries,
         tenant=args.tenant,
-        delay=_duration(args.delay, "--delay"),
-        schedule_timeout=_duration(args.schedule_timeout, "--schedule-timeout"),
+        delay=duration(args.delay, "--delay"),
+        schedule_timeout=duration(args.schedule_timeout, "--schedule-timeout"),
         fairness_key=args.fairness_key,
         concurrency_key=args.concurrency_key,
         sticky_key=args.sticky_key,
@@ -184,16 +152,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         return 0 if len(results) == len(ids) and all(r.status == 1 for r in results.values()) else 1
 
 
-def _duration(value: str | None, flag: str) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as err:
-        raise InvalidInput(f"{flag}: {err}") from err
-
-
-@_traced("demo")
+@traced("demo")
 async def cmd_demo(args: argparse.Namespace) -> int:
     from sluicegate.demo import run_demo
 
@@ -207,7 +166,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             rate=args.rate,
         )
     )
-    stop = asyncio.create_task(_stop_on_signals().wait())
+    stop = asyncio.create_task(stop_on_signals().wait())
     await asyncio.wait({demo, stop}, return_when=asyncio.FIRST_COMPLETED)
     if not demo.done():
         # Interrupted: cancel it so that its clean-up (queues and exchanges it declared) still runs.
@@ -220,50 +179,57 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return demo.result()
 
 
-async def cmd_bench(args: argparse.Namespace) -> int:
-    from sluicegate.bench import run
-
-    return await run(args)
+def version() -> str:
+    try:
+        return metadata.version("sluicegate")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluicegate", description=__doc__)
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
-    parser.add_argument("--log-json", action="store_true", default=None, help="log one JSON object per line")
-    parser.add_argument("--prefix", help="prefix of every exchange and queue (SLUICEGATE_PREFIX)")
+    parser = Parser(prog="sluicegate", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sluicegate {version()}")
+    add_common(parser, at_top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("scheduler", help="assign submitted tasks to workers")
-    p.add_argument("--max-dispatch-attempts", type=int)
+    p = add_parser(commands, "scheduler", "assign submitted tasks to workers")
+    p.add_argument(
+        "--max-dispatch-attempts",
+        type=int,
+        help="dispatch attempts before a task is dead (default: SLUICEGATE_SCHEDULER_MAX_DISPATCH_ATTEMPTS, else 5)",
+    )
     p.set_defaults(run=cmd_scheduler)
 
-    p = commands.add_parser("dispatcher", help="serve worker streams and forward assignments")
-    p.add_argument("--id", help="inbox routing key (default: host name and a random suffix)")
-    p.add_argument("--listen", help="host:port of the gRPC server (default 127.0.0.1:50051)")
-    p.add_argument("--send-lock-timeout", help="e.g. 250ms")
-    p.add_argument("--ack-timeout", help="e.g. 5s")
-    p.add_argument("--drain-grace", help="e.g. 10s")
+    p = add_parser(commands, "dispatcher", "serve worker streams and forward assignments to them")
+    p.add_argument("--id", help="inbox routing key (default: SLUICEGATE_DISPATCHER_ID, else host name + random)")
+    p.add_argument("--listen", help="gRPC host:port (default: SLUICEGATE_DISPATCHER_LISTEN, else 127.0.0.1:50051)")
+    p.add_argument("--send-lock-timeout", help="longest wait for a worker's send lock, e.g. 250ms (default: 250ms)")
+    p.add_argument("--ack-timeout", help="a worker must acknowledge receipt within this, e.g. 5s (default: 2s)")
+    p.add_argument("--drain-grace", help="on SIGTERM, how long running tasks may finish, e.g. 10s (default: 10s)")
     p.set_defaults(run=cmd_dispatcher)
 
-    p = commands.add_parser("worker", help="run a demo worker (actions echo, sleep, fail)")
-    p.add_argument("--dispatchers", help="comma-separated host:port list")
-    p.add_argument("--slots", type=int)
-    p.add_argument("--tenant")
-    p.add_argument("--worker-id")
+    p = add_parser(commands, "worker", "run a demo worker (actions echo, sleep, fail)")
+    p.add_argument(
+        "--dispatchers",
+        help="host:port list (default: SLUICEGATE_WORKER_DISPATCHERS, else 127.0.0.1:50051)",
+    )
+    p.add_argument("--slots", type=int, help="tasks run at once (default: SLUICEGATE_WORKER_SLOTS, else 10)")
+    p.add_argument("--tenant", help="tenant whose tasks it takes (default: SLUICEGATE_WORKER_TENANT, else default)")
+    p.add_argument("--worker-id", help="the worker's stable name (default: chosen by the dispatcher)")
     p.add_argument(
         "--label",
         action="append",
         metavar="KEY=VALUE",
-        help="a label the worker carries (repeatable; replaces SLUICEGATE_WORKER_LABELS)",
+        help="a label the worker carries; repeatable, replaces SLUICEGATE_WORKER_LABELS (default: none)",
     )
     p.set_defaults(run=cmd_worker)
 
-    p = commands.add_parser("submit", help="submit tasks and wait for their results")
-    p.add_argument("action")
-    p.add_argument("payload", nargs="?", help="JSON payload")
-    p.add_argument("--count", type=int, default=1, help="how many tasks like this (default 1)")
-    p.add_argument("--tenant", default="default", help="tenant whose workers run it (default: default)")
-    p.add_argument("--priority", type=int, default=0, help="0-9, higher is assigned first (default 0)")
+    p = add_parser(commands, "submit", "submit tasks and wait for their results")
+    p.add_argument("action", help="the action (handler name) to run")
+    p.add_argument("payload", nargs="?", help="JSON payload (default: none)")
+    p.add_argument("--count", type=int, default=1, help="how many tasks like this")
+    p.add_argument("--tenant", default="default", help="tenant whose workers run it")
+    p.add_argument("--priority", type=int, default=0, help="0-9, higher is assigned first")
     p.add_argument("--delay", help="not assigned before this from now, e.g. 5s or 2m (default: at once)")
     p.add_argument(
         "--schedule-timeout", help="not started within this after submission: ends expired, e.g. 30s (default: none)"
@@ -275,38 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--partition-key", default="", help="pick the scheduler partition by this, not the tenant (default: none)"
     )
     p.add_argument("--spread", action="store_true", help="spread the tasks over every scheduler partition")
-    p.add_argument("--label", action="append", help="a label the worker must carry, key=value; repeatable")
+    p.add_argument(
+        "--label", action="append", help="a label the worker must carry, key=value, repeatable (default: none)"
+    )
     p.add_argument("--max-retries", type=int, help="default: the worker's default for the action, else 0")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
     p.add_argument("--no-wait", action="store_true", help="print the task ids and return")
     p.set_defaults(run=cmd_submit)
 
+    from sluicegate.cli_dead import add_commands as add_dead_commands
+    from sluicegate.cli_ops import add_commands as add_ops_commands
     from sluicegate.cli_records import add_commands as add_record_commands
 
     add_record_commands(commands)
+    add_ops_commands(commands)
+    add_dead_commands(commands)
 
-    p = commands.add_parser("demo", help="run the whole pipeline locally with a worker that stalls")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--tasks", type=int, default=3000)
-    p.add_argument("--payload-bytes", type=int, default=8 * 1024)
+    p = add_parser(commands, "demo", "run the whole pipeline locally with a worker that stalls")
+    p.add_argument("--workers", type=int, default=4, help="workers, one of which goes deaf")
+    p.add_argument("--tasks", type=int, default=3000, help="tasks submitted")
+    p.add_argument("--payload-bytes", type=int, default=8 * 1024, help="bytes of each task's payload")
     p.add_argument("--rate", type=int, default=300, help="tasks submitted per second")
     p.add_argument("--no-stall", action="store_true", help="keep every worker healthy")
     p.set_defaults(run=cmd_demo)
 
-    from sluicegate.bench.options import add_arguments as add_bench_arguments
-
-    p = commands.add_parser("bench", help="benchmark the dispatch path on the local broker, beside Celery")
-    add_bench_arguments(p)
-    p.set_defaults(run=cmd_bench)
+    add_common_everywhere(parser)
     return parser
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
+def _run(coro: Any) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is absent on some platforms
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`sluicegate dead list | head`)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

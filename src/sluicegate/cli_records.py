@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from sluicegate import amqp
-from sluicegate.cli import _broker, _observed, _stop_on_signals, _traced
+from sluicegate.cli_base import add_parser, check_metrics, number, observed, stop_on_signals, traced
+from sluicegate.cli_base import broker as _broker
 from sluicegate.durations import parse_long_duration
 from sluicegate.errors import InvalidInput
 from sluicegate.settings import load
@@ -48,32 +50,23 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-@_traced("recorder")
+@traced("recorder")
 async def cmd_recorder(args: argparse.Namespace) -> int:
     from sluicegate_recorder.app import Recorder
     from sluicegate_recorder.settings import RecorderSettings
 
     settings = load(RecorderSettings, retention=args.retention)
     recorder = Recorder(settings, _store(), _broker(args))
-    stop = _stop_on_signals()
-    async with recorder, _observed(recorder.metrics.registry, lambda: recorder.ready):
+    check_metrics()
+    stop = stop_on_signals()
+    async with recorder, observed(recorder.metrics.registry, lambda: recorder.ready):
         await recorder.serve(stop)
     return 0
 
 
-def _number(text: str | None, flag: str, kind: type[int] | type[float]) -> float | None:
-    """A flag's number, parsed here (not by argparse) so that a bad one is one line and exit 2."""
-    if text is None:
-        return None
-    try:
-        return kind(text)
-    except ValueError as err:
-        raise InvalidInput(f"{flag} must be a {'whole ' if kind is int else ''}number") from err
-
-
 async def cmd_result(args: argparse.Namespace) -> int:
     check_task_id(args.task_id)
-    timeout = _number(args.timeout, "--timeout", float)
+    timeout = number(args.timeout, "--timeout", float)
     if timeout is not None and not 0 < timeout < 1e9:
         raise InvalidInput("--timeout must be more than zero seconds")
     async with TaskStore(_store()) as store:
@@ -94,7 +87,7 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_tasks(args: argparse.Namespace) -> int:
-    limit = int(_number(args.limit, "--limit", int) or 0)
+    limit = int(number(args.limit, "--limit", int) or 0)
     if args.status is not None and args.status not in {s.value for s in TaskState}:
         raise InvalidInput(f"--status must be one of {', '.join(s.value for s in TaskState)}")
     since = None
@@ -121,7 +114,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     check_task_id(args.task_id)
     if len(args.reason) > 500:
         raise InvalidInput("--reason must hold at most 500 characters")
-    timeout = _number(args.timeout, "--timeout", float)
+    timeout = number(args.timeout, "--timeout", float)
     if timeout is not None and not 0 < timeout < 1e9:
         raise InvalidInput("--timeout must be more than zero seconds")
     store = load(StoreSettings)
@@ -143,35 +136,38 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return 1
 
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("migrate", help="bring the task store's schema up to date and declare the recorder's queue")
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    p = add_parser(commands, "migrate", "bring the task store's schema up to date and declare the recorder's queue")
     p.set_defaults(run=cmd_migrate)
 
-    p = commands.add_parser("recorder", help="record lifecycle events into the task store (SLUICEGATE_STORE_URL)")
+    p = add_parser(commands, "recorder", "record lifecycle events into the task store (SLUICEGATE_STORE_URL)")
     p.add_argument("--retention", help="keep records unchanged for this long, e.g. 7d (default 7d)")
     p.set_defaults(run=cmd_recorder)
 
-    p = commands.add_parser("result", help="show a task's record from the task store")
-    p.add_argument("task_id", metavar="TASK_ID")
+    p = add_parser(commands, "result", "show a task's record from the task store")
+    p.add_argument("task_id", metavar="TASK_ID", help="the task's id")
     p.add_argument("--wait", action="store_true", help="wait until the task has finished; exit 1 unless completed")
     p.add_argument("--timeout", help="seconds to wait with --wait (default: no limit)")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.add_argument("--json", action="store_true", help="print the record as JSON (default: as text)")
     p.set_defaults(run=cmd_result)
 
-    p = commands.add_parser("tasks", help="list task records, most recently changed first")
-    p.add_argument("--status", help=f"only tasks in this state: {', '.join(s.value for s in TaskState)}")
-    p.add_argument("--action", help="only tasks of this action")
-    p.add_argument("--tenant", help="only tasks of this tenant")
-    p.add_argument("--since", help="only tasks whose record changed within this long, e.g. 30m, 1h, 7d")
+    p = add_parser(commands, "tasks", "list task records, most recently changed first")
+    p.add_argument("--status", help=f"only tasks in this state (default: any): {', '.join(s.value for s in TaskState)}")
+    p.add_argument("--action", help="only tasks of this action (default: any)")
+    p.add_argument("--tenant", help="only tasks of this tenant (default: any)")
+    p.add_argument(
+        "--since", help="only tasks whose record changed within this long, e.g. 30m, 1h, 7d (default: any time)"
+    )
     p.add_argument("--limit", default="50", help=f"at most this many (1 to {MAX_LIMIT}; default 50)")
-    p.add_argument("--json", action="store_true", help="print the records as a JSON array")
+    p.add_argument("--json", action="store_true", help="print the records as a JSON array (default: a table)")
     p.set_defaults(run=cmd_tasks)
 
-    p = commands.add_parser(
+    p = add_parser(
+        commands,
         "cancel",
-        help="cancel a task wherever it is: waiting, delayed, queued or running (a running handler is stopped)",
+        "cancel a task wherever it is: waiting, delayed, queued or running (a running handler is stopped)",
     )
-    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("task_id", metavar="TASK_ID", help="the task's id")
     p.add_argument("--reason", default="cancelled by an operator", help="why, as the task's result will say")
     p.add_argument(
         "--wait",

@@ -310,6 +310,30 @@ class Client:
         self._submitted.update(t.task_id for t in tasks)
         return [t.task_id for t in tasks]
 
+    async def resubmit(self, tasks: Iterable[messages_pb2.Task], *, batch_size: int = 100) -> list[str]:
+        """Submit tasks built elsewhere (an operator's replay), as they are but for `reply_to`: this client's."""
+        if self._tasks is None:
+            raise RuntimeError("client is not connected")
+        built = list(tasks)
+        for task in built:
+            task.reply_to = self.client_id
+            check_task(task, self.max_payload)
+        # A task does not carry its partition key: a replay goes to its tenant's partition.
+        partitions = [amqp.partition_of(task.tenant, self.broker.partitions) for task in built]
+        await asyncio.gather(
+            *(
+                amqp.publish_until_confirmed(
+                    self._tasks_exchange(partition),
+                    tenant,
+                    messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
+                    timeout=self.broker.confirm_timeout_s,
+                )
+                for (partition, tenant), batch in _batches(built, partitions, batch_size)
+            )
+        )
+        self._submitted.update(t.task_id for t in built)
+        return [t.task_id for t in built]
+
     @property
     def store(self) -> TaskStore:
         """The task store this client reads (InvalidInput if none is configured)."""

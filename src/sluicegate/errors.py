@@ -15,6 +15,7 @@
         ├── UnknownSession      the worker session does not exist (any more)
         ├── StaleAttempt        a report for an attempt the worker no longer holds
         ├── TaskFailed          a task ended in a state other than completed
+        ├── BrokerRefused       the broker refused the login (user, password or virtual host)
         └── SchemaBehind        the task store's schema is older than this release needs
 
 Edges convert once: the gRPC servicer maps these to status codes, the AMQP consumers map them
@@ -98,6 +99,10 @@ class TaskFailed(PermanentError):
         status = messages_pb2.TaskStatus.Name(result.status).removeprefix("TASK_STATUS_").lower()
         super().__init__(f"task {result.task_id} {status}: {result.error or 'no error message'}")
         self.result = result
+
+
+class BrokerRefused(PermanentError):
+    """The broker refused the login: wrong user or password, or no access to the virtual host."""
 
 
 class SchemaBehind(PermanentError):

@@ -50,6 +50,8 @@ class Reporter:
         self._wake = asyncio.Event()
         self.lost = False
         self.sent = 0
+        self._leaving = False
+        self.left = asyncio.Event()  # the dispatcher has been told this worker is shutting down
 
     async def report(self, event: worker_pb2.TaskEvent) -> int:
         """Send an event; returns the dispatcher's verdict on it (STALE if the session is lost)."""
@@ -87,8 +89,16 @@ class Reporter:
                     async with asyncio.timeout(self._heartbeat):
                         await self._wake.wait()
             batch = self._take()
-            await call.write(worker_pb2.WorkerMessage(events=batch))
+            await call.write(worker_pb2.WorkerMessage(events=batch, leaving=self._leaving and not self._queue))
             self.sent += len(batch)
+            if self._leaving and not self._queue:
+                self.left.set()
+                await asyncio.Event().wait()  # nothing more to say; the session ends from the worker's side
+
+    def leave(self) -> None:
+        """Tell the dispatcher, with the next message, that the worker is shutting down on purpose."""
+        self._leaving = True
+        self._wake.set()
 
     def stream_ended(self) -> None:
         """Events sent on a stream that broke go again on the next one, in their order."""

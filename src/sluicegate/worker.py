@@ -206,7 +206,7 @@ class Worker:
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._session(stub, reply.session_id, reporter))
-                    group.create_task(self._until_stopped())
+                    group.create_task(self._until_stopped(reporter))
             except* _Stopped:
                 pass
             finally:
@@ -214,13 +214,19 @@ class Worker:
                 for task in list(self.attempts.running.values()):
                     task.cancel()
 
-    async def _until_stopped(self) -> None:
+    async def _until_stopped(self, reporter: Reporter) -> None:
         """On stop, give running handlers the grace to finish and report, then end the session."""
         await self._stopping.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace.total_seconds()
         while self.attempts.running and loop.time() < deadline:
             await asyncio.wait(list(self.attempts.running.values()), timeout=deadline - loop.time())
+        # Said on the stream, so that the dispatcher ends the session as a clean shutdown (INFO), not a loss.
+        reporter.leave()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await reporter.left.wait()
+        log.info("worker %s stopped", self.worker_id)
         raise _Stopped
 
     async def _session(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:

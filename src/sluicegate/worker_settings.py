@@ -33,6 +33,21 @@ class WorkerSettings(BaseSettings):
     shutdown_grace: PositiveDuration = timedelta(seconds=10)
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
 
+    @field_validator("dispatchers")
+    @classmethod
+    def _dispatchers(cls, value: str) -> str:
+        """Each address is host:port (or a gRPC target such as dns:///host:port): a typo is refused, not retried."""
+        for i, part in enumerate(p.strip() for p in value.split(",")):
+            which = f"address {i + 1}"
+            if not part:
+                raise ValueError(f"{which} is empty")
+            if "/" in part:  # a gRPC target URI: grpc parses it
+                continue
+            _, sep, port = part.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{which} must be host:port with a port between 1 and 65535")
+        return value
+
     @field_validator("labels", mode="before")
     @classmethod
     def _labels(cls, value: Any) -> Any:

@@ -39,7 +39,7 @@ JOBS = {
     "sluicegate-scheduler": (4, "sluicegate_tasks_received_total"),  # two partitions, active and standby each
     "sluicegate-dispatcher": (2, "sluicegate_connected_workers"),
     "sluicegate-worker": (3, "sluicegate_worker_tasks_total"),
-    "rabbitmq": (1, "rabbitmq_queues"),
+    "rabbitmq": (3, "rabbitmq_queues"),
 }
 PRODUCED = re.compile(r"^(\d+) submitted: completed (\d+);", re.M)
 
@@ -116,7 +116,11 @@ def test_the_stack_comes_up_healthy(stack: Stack) -> None:
     healthy = stack.docker.wait_healthy(probed, timeout=240)
     print(f"\ncompose: healthy after (s) { {n: round(t) for n, t in healthy.items()} }")
     assert {containers[n] for n in probed} >= {
-        "rabbitmq",
+        "rabbitmq-1",
+        "rabbitmq-2",
+        "rabbitmq-3",
+        "postgres",
+        "recorder",
         "scheduler-1",
         "scheduler-2",
         "scheduler-3",
@@ -164,3 +168,20 @@ def test_prometheus_scraped_every_role(stack: Stack) -> None:
         assert result, f"Prometheus has no {metric} from {job}"
         assert int(float(result[0]["value"][1])) == count, f"{metric} from {result} of {count} {job} targets"
     print(f"\ncompose: Prometheus scraped { {job: len(t) for job, t in up.items()} }")
+
+
+def test_the_recorder_keeps_the_producers_tasks_in_postgres(stack: Stack) -> None:
+    recorder = next(n for n, s in stack.containers().items() if s == "recorder")
+
+    def completed() -> Any:
+        result = stack.docker(
+            "exec", recorder, "sluicegate", "tasks", "--status", "completed", "--limit", "5", "--json", check=False
+        )
+        if result.returncode != 0:
+            return None
+        records = json.loads(result.stdout or "[]")
+        return records or None
+
+    records = wait_for(completed, 120, "completed task records in the store", interval=2.0)
+    assert all(r["status"] == "completed" for r in records)
+    print(f"\ncompose: the store holds completed records, e.g. {records[0]['task_id']} ({records[0]['action']})")

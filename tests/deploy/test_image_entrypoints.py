@@ -131,13 +131,14 @@ def test_role_help(image: Image, role: str) -> None:
     assert output.strip(), f"`sluicegate {role} --help` printed nothing"
 
 
-def test_healthcheck_runs_with_the_image_interpreter(image: Image) -> None:
+def test_healthcheck_runs_with_the_image_interpreter(image: Image, tmp_path: Path) -> None:
     command = [image.localize(part) for part in image.runtime.last("HEALTHCHECK").exec_form()]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # Nothing serves /healthz here: the check must run and report unhealthy, not crash.
-    env = {**image.env(), "SLUICEGATE_METRICS_PORT": str(port)}
+    # Nothing serves /healthz here: the check must run and report unhealthy, not crash. It looks
+    # at an empty process table, not this machine's, where a `sluicegate submit` may be running.
+    env = {**image.env(), "SLUICEGATE_METRICS_PORT": str(port), "SLUICEGATE_HEALTHCHECK_PROC": str(tmp_path)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=30, check=False)
     assert result.returncode == 1, result.stderr
     assert "healthcheck:" in result.stderr

@@ -99,7 +99,13 @@ def rabbitmq_url() -> Iterator[str]:
     with RabbitMqContainer(image) as container:
         params = container.get_connection_params()
         SERVICES["RabbitMQ"] = f"a container of {image} at {params.host}:{params.port} (testcontainers)"
-        yield f"amqp://guest:guest@{params.host}:{params.port}/"
+        url = f"amqp://guest:guest@{params.host}:{params.port}/"
+        # The `sluicegate` commands tests run as subprocesses read RABBITMQ_URL: the container's, too.
+        os.environ["RABBITMQ_URL"] = url
+        try:
+            yield url
+        finally:
+            del os.environ["RABBITMQ_URL"]
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ across scheduler restarts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import statistics
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from sluicegate.client import TaskSpec
 from sluicegate.retry import Backoff, RetryPolicy
@@ -16,6 +19,7 @@ from sluicegate.worker import TaskContext, Worker
 
 from .conftest import Stack, eventually
 from .helpers import Recorder, percentile, results_of
+from .rawbroker import broker_for
 
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 EXPIRED = messages_pb2.TASK_STATUS_EXPIRED
@@ -200,3 +204,28 @@ async def test_h_a_task_queued_at_the_dispatcher_behind_a_busy_slot_expires_ther
     assert (await client.result(running, timeout=10)).status == COMPLETED
     await asyncio.sleep(0.5)
     assert recorder.order() == [running], "the expired task never ran"
+
+
+async def test_a_lane_deleted_behind_the_schedulers_back_does_not_end_its_session(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lane can be gone when a scheduler comes to read it (a scheduler that led before deleted it as
+    idle). Asking the broker about it must not close the channel the session reads every lane on."""
+    caplog.set_level(logging.WARNING, logger="sluicegate_scheduler")
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    client = await stack.client()
+    stranded = await client.submit("later", b"")  # nobody serves it: parked in its lane
+    await eventually(lambda: any(lane.key.action == "later" and lane.parked for lane in scheduler.core.book))
+    (lane,) = [lane for lane in scheduler.core.book if lane.key.action == "later"]
+    async with broker_for(stack) as broker:
+        channel = await broker.connection.channel()
+        await channel.queue_delete(lane.name)  # what it held goes with it, as a deleted queue's does
+
+    recorder = Recorder()
+    await stack.start_worker(dispatcher, "late", worker=recorder.worker(stack.address(dispatcher), "late", ["later"]))
+    await stack.wait_workers_known(1)  # the scheduler now wants to read the lane
+    fresh = await client.submit("later", b"")
+    assert (await client.result(fresh, timeout=10)).status == COMPLETED
+    assert stranded not in recorder.order()
+    assert not [r for r in caplog.records if "session ended" in r.getMessage()], "the session went on"

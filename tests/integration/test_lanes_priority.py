@@ -13,7 +13,7 @@ COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 
 
 async def test_e_late_high_priority_tasks_overtake_a_backlog_and_equal_ones_keep_their_order(stack: Stack) -> None:
-    await stack.start_scheduler()
+    scheduler = await stack.start_scheduler()
     dispatcher = await stack.start_dispatcher()
     recorder = Recorder()
     slots = 32
@@ -24,10 +24,15 @@ async def test_e_late_high_priority_tasks_overtake_a_backlog_and_equal_ones_keep
 
     backlog = await client.submit_many([TaskSpec("work", b"p0") for _ in range(5000)])
     await eventually(lambda: len(recorder.starts) >= 300, timeout=30)
-    # Late arrivals, priorities interleaved in submission order.
+    # Late arrivals, priorities interleaved in submission order. Priority orders what waits together:
+    # the worker holds its slots until the scheduler has read every late task (on a busy machine
+    # they could otherwise reach it in several deliveries, each placed as a slot frees).
+    recorder.gate.clear()
     late = await client.submit_many(
         [TaskSpec("work", f"p{p}".encode(), priority=p) for _ in range(40) for p in (5, 9, 1)]
     )
+    await eventually(lambda: scheduler.stats.received >= len(backlog) + len(late), timeout=30)
+    recorder.gate.set()
     by_priority = {p: [t for t, s in zip(late, [5, 9, 1] * 40, strict=True) if s == p] for p in (9, 5, 1)}
     results = await results_of(client, backlog + late, 120)
     assert all(r.status == COMPLETED for r in results)

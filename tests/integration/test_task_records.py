@@ -135,7 +135,7 @@ async def test_an_operator_cancels_a_running_task_from_the_cli(
     done = await client.submit("echo", "quick")
     assert (await client.result(done, timeout=20)).status == COMPLETED
     await eventually(lambda: dispatcher.sessions.leases == 1)  # the long one runs
-    env = {"SLUICEGATE_STORE_URL": store.dsn}
+    env = {"SLUICEGATE_STORE_URL": store.dsn, "RABBITMQ_URL": stack.broker.url}  # a container's, maybe
     cli = ("--prefix", stack.broker.prefix, "cancel")
 
     code, out, err = await run_cli(*cli, long, "--wait", "--reason", "operator says stop", env=env)

@@ -18,6 +18,7 @@ from sluicegate import amqp, lifecycle, telemetry
 from sluicegate.errors import InvalidInput
 from sluicegate.reasons import Reason
 from sluicegate.settings import BrokerSettings
+from sluicegate.setup_checks import check_listen
 from sluicegate.v1 import worker_pb2, worker_pb2_grpc
 from sluicegate.wire import grpc_options
 from sluicegate_dispatcher.forwarding import Forwarder
@@ -287,6 +288,7 @@ class Dispatcher:
 
 def bind(server: grpc.aio.Server, listen: str) -> int:
     """Bind the gRPC port (never shared: reuse-port is off); a taken or bad address is one clear error."""
+    check_listen(listen, "the gRPC address")  # first, so grpc's own error lines are never reached
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as err:

@@ -53,6 +53,10 @@ class Reaper:
         for session in self.sessions.lost(
             now, heartbeat_timeout=self.heartbeat_timeout, reconnect_grace=self.reconnect_grace
         ):
+            if session.leaving:  # a clean shutdown: nothing went wrong
+                log.info("worker %s left (shut down); requeueing %d leases", session.worker_id, len(session.leases))
+                await self.settler.lose(session, Reason.WORKER_LOST, "worker shut down")
+                continue
             log.warning("worker %s lost; requeueing %d leases", session.worker_id, len(session.leases))
             await self.settler.lose(session, Reason.WORKER_LOST, "worker stopped heartbeating or streaming")
         for lease in self.sessions.overdue_receipts(now):
@@ -120,8 +124,10 @@ class StatePublisher:
         state = messages_pb2.DispatcherState(
             dispatcher_id=self.dispatcher_id, seq=self.seq, at_ms=now_ms(), draining=draining, delta=not full
         )
+        # Sessions remember monotonic times; the state carries wall-clock ones.
+        wall_offset = now_ms() - int(self.clock() * 1000)
         for session in list(self.sessions) if full else changed:
-            state.workers.append(_worker_state(session, draining))
+            state.workers.append(_worker_state(session, draining, wall_offset))
         if not full:
             state.gone.extend(gone)
         # Running tasks per concurrency key, which the scheduler caps across dispatchers.
@@ -142,7 +148,7 @@ class StatePublisher:
         self.published += 1
 
 
-def _worker_state(session: WorkerSession, draining: bool) -> messages_pb2.WorkerState:
+def _worker_state(session: WorkerSession, draining: bool, wall_offset: int) -> messages_pb2.WorkerState:
     return messages_pb2.WorkerState(
         worker_id=session.worker_id,
         session_id=session.session_id,
@@ -154,5 +160,7 @@ def _worker_state(session: WorkerSession, draining: bool) -> messages_pb2.Worker
         ready=session.ready and not draining,
         received=session.received,
         prefetch=session.prefetch,
+        last_seen_ms=int(session.last_seen * 1000) + wall_offset,
+        leases=len(session.leases),
         received_by_partition=session.received_by_partition,
     )

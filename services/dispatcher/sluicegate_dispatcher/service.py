@@ -196,6 +196,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def _handle(self, session: WorkerSession, stream: WorkerStream, message: worker_pb2.WorkerMessage) -> None:
         self.sessions.seen(session, self.clock())
+        if message.leaving:
+            session.leaving = True
         if not message.events:
             return
         if len(message.events) > MAX_EVENTS_PER_MESSAGE:

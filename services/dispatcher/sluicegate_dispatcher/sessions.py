@@ -66,6 +66,7 @@ class WorkerSession:
     prefetch: int = 0  # leases it may hold beyond its free slots, queued here until a slot frees
     queue: list[tuple[tuple[int, int], Lease]] = field(default_factory=list)  # heap: priority, then arrival
     queued: int = 0
+    leaving: bool = False  # the worker said it is shutting down: once its stream ends, the session ends
 
     @property
     def streaming(self) -> bool:
@@ -259,6 +260,7 @@ class Sessions:
             s
             for s in self._by_session.values()
             if now - s.last_seen > heartbeat_timeout
+            or (s.leaving and not s.streaming)
             or (s.streams_opened and s.stream_lost_at is not None and now - s.stream_lost_at > reconnect_grace)
         ]
 

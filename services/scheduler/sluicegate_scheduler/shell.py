@@ -85,6 +85,7 @@ class Session:
         self._consume = await self.connection.channel()
         self._lanes_channel = await self.connection.channel()
         await self._lanes_channel.set_qos(prefetch_count=self.settings.lane_prefetch)
+        self._probe_channel = await self.connection.channel()  # passive declares: a missing queue closes it
         _, queues = await own.declare_own(self._publish, t)
         self.registry = Registry(self._publish, queues["registry"], t)
         async with asyncio.TaskGroup() as group:
@@ -352,10 +353,24 @@ class Session:
         for lane in self.core.book:
             if lane.parked is None and lane.consuming and not lane.held and now - lane.probed_at >= 1.0:
                 lane.probed_at = now
-                queue = await self._lanes_channel.declare_queue(lane.name, passive=True)
-                if queue.declaration_result.message_count == 0:
+                counts = await self._counts(lane.name)
+                if counts is not None and counts[0] == 0:
                     lane.drained()
                     self.wake.set()
+
+    async def _counts(self, name: str) -> tuple[int, int] | None:
+        """A queue's (messages, consumers) as the broker counts them, or None if it does not exist.
+
+        Asked on a channel of its own: a passive declare of a missing queue closes its channel, and
+        a lane can be gone (deleted by a scheduler that led before) without ending this session.
+        """
+        try:
+            queue = await self._probe_channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._probe_channel = await self.connection.channel()
+            return None
+        result = queue.declaration_result
+        return result.message_count or 0, result.consumer_count or 0
 
     async def _prepare(self, lane: Lane) -> None:
         """Record a lane, then declare it; only then may anything be parked in it."""
@@ -365,9 +380,15 @@ class Session:
         self.wake.set()
 
     async def _start_reading(self, lane: Lane) -> None:
-        queue = await self._lanes_channel.declare_queue(lane.name, passive=True)
-        if lane.parked is None and queue.declaration_result.message_count == 0:
+        counts = await self._counts(lane.name)
+        if counts is None:  # gone: declared again before anything is parked or read there
+            lane.ready = False
+            if lane.parked is None:
+                lane.drained()
+            return
+        if lane.parked is None and counts[0] == 0:
             lane.drained()  # found after a restart, and empty: its count is known now
+        queue = await self._lanes_channel.get_queue(lane.name, ensure=False)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self._on_parked(message, Origin.LANE, lane)
@@ -395,13 +416,13 @@ class Session:
         if not lane.empty or self.core.outbox.pending(Kind.PARK, lane.name):
             lane.ready, lane.idle_since = True, None
             return
-        queue = await self._lanes_channel.declare_queue(lane.name, passive=True)
-        result = queue.declaration_result
-        if result.message_count or result.consumer_count:
+        counts = await self._counts(lane.name)
+        if counts is not None and any(counts):
             lane.ready, lane.idle_since = True, None
             lane.parked = None  # not what the count said: read it again to know
             return
-        await self._lanes_channel.queue_delete(lane.name)
+        if counts is not None:
+            await self._lanes_channel.queue_delete(lane.name)
         self.core.lane_deleted(lane)
 
     # Messages that are not ours to read.

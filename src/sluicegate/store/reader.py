@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -137,6 +137,23 @@ class TaskStore:
             f"SELECT {_LIST_COLUMNS} FROM sluicegate_tasks {clause} ORDER BY updated_at DESC LIMIT ${len(args)}", *args
         )
         return [record_from_row(row) for row in rows]
+
+    async def status_counts(self, since: timedelta) -> list[tuple[str, int, datetime | None]]:
+        """(status, tasks, oldest submission) of the records changed within `since`, for `sluicegate status`."""
+        rows = await self._fetch(
+            "SELECT status, count(*) AS tasks, min(submitted_at) AS oldest FROM sluicegate_tasks"
+            " WHERE updated_at >= now() - $1::interval GROUP BY status ORDER BY status",
+            since,
+        )
+        return [(str(r["status"]), int(r["tasks"]), r["oldest"]) for r in rows]
+
+    async def oldest_waiting(self) -> dict[tuple[str, str], datetime]:
+        """Since when the longest-waiting task of each (tenant, action) waits (parked, delayed, backing off)."""
+        rows = await self._fetch(
+            "SELECT tenant, action, min(status_at) AS since FROM sluicegate_tasks WHERE status = 'waiting'"
+            " GROUP BY tenant, action"
+        )
+        return {(str(r["tenant"]), str(r["action"])): r["since"] for r in rows}
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Poll until the task has a terminal record; TimeoutError after `timeout` seconds.

@@ -66,6 +66,9 @@ STATE_OF_KIND: dict[int, TaskState] = {
     K.KIND_CANCELLED: TaskState.CANCELLED,
     K.KIND_DEAD: TaskState.DEAD,
     K.KIND_REJECTED: TaskState.REJECTED,
+    # An operator replayed it: on the dead task, a history entry only (a terminal state is final); on
+    # the task replaying it, the ground state until its own submitted event comes.
+    K.KIND_REPLAYED: TaskState.SUBMITTED,
 }
 
 RESULT_STATUS: dict[TaskState, messages_pb2.TaskStatus.ValueType] = {
@@ -81,6 +84,7 @@ RESULT_STATUS: dict[TaskState, messages_pb2.TaskStatus.ValueType] = {
 # An event's attempt is the latest attempt made so far (0 before the first assignment), so a
 # task waiting after attempt n was requeued outranks attempt n, and attempt n+1 outranks both.
 _RANKS: dict[int, int] = {
+    K.KIND_REPLAYED: 0,
     K.KIND_SUBMITTED: 1,
     K.KIND_ASSIGNED: 2,
     K.KIND_STARTED: 3,
@@ -102,6 +106,7 @@ MAX_ATTEMPT = 0xFFFF
 _LISTED_IN_ORDER = (
     ("submitted", "waiting", "assigned", "started", "requeued"),
     ("completed", "failed", "expired", "cancelled", "dead", "rejected"),
+    ("replayed",),
 )
 _LISTING = {name: n for n, name in enumerate(name for group in _LISTED_IN_ORDER for name in group)}
 

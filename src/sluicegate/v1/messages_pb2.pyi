@@ -834,6 +834,8 @@ class WorkerState(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
     RECEIVED_BY_PARTITION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
@@ -846,6 +848,10 @@ class WorkerState(_message.Message):
     """assignments for this session the dispatcher has consumed"""
     prefetch: _builtins.int
     """of free_slots, how many only queue at the dispatcher (not idle slots)"""
+    last_seen_ms: _builtins.int
+    """unix ms of the worker's last sign of life (any stream message)"""
+    leases: _builtins.int
+    """assignments of this session in flight (forwarded, not settled)"""
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -869,11 +875,13 @@ class WorkerState(_message.Message):
         ready: _builtins.bool = ...,
         received: _builtins.int = ...,
         prefetch: _builtins.int = ...,
+        last_seen_ms: _builtins.int = ...,
+        leases: _builtins.int = ...,
         received_by_partition: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "prefetch", b"prefetch", "ready", b"ready", "received", b"received", "received_by_partition", b"received_by_partition", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "ready", b"ready", "received", b"received", "received_by_partition", b"received_by_partition", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -991,6 +999,8 @@ class LifecycleEvent(_message.Message):
         KIND_CANCELLED: LifecycleEvent._Kind.ValueType  # 9
         KIND_DEAD: LifecycleEvent._Kind.ValueType  # 10
         KIND_REJECTED: LifecycleEvent._Kind.ValueType  # 11
+        KIND_REPLAYED: LifecycleEvent._Kind.ValueType  # 12
+        """an operator resubmitted it from the dead letters; detail names the new task"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: LifecycleEvent.Kind.ValueType  # 0
@@ -1010,6 +1020,8 @@ class LifecycleEvent(_message.Message):
     KIND_CANCELLED: LifecycleEvent.Kind.ValueType  # 9
     KIND_DEAD: LifecycleEvent.Kind.ValueType  # 10
     KIND_REJECTED: LifecycleEvent.Kind.ValueType  # 11
+    KIND_REPLAYED: LifecycleEvent.Kind.ValueType  # 12
+    """an operator resubmitted it from the dead letters; detail names the new task"""
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int

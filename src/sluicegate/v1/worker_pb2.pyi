@@ -290,10 +290,13 @@ class WorkerMessage(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    LEAVING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """first message only"""
     session_id: _builtins.str
     """first message only"""
+    leaving: _builtins.bool
+    """the worker is shutting down on purpose: end the session with its stream"""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]: ...
     def __init__(
@@ -302,10 +305,11 @@ class WorkerMessage(_message.Message):
         worker_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         events: _abc.Iterable[Global___TaskEvent] | None = ...,
+        leaving: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "leaving", b"leaving", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

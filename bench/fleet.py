@@ -1,6 +1,6 @@
 """A fleet of N Sluicegate workers in one process, serving the benchmark's no-op action.
 
-    python -m sluicegate.bench.fleet --dispatchers 127.0.0.1:50051 --workers 20 --slots 10
+    python -m bench.fleet --dispatchers 127.0.0.1:50051 --workers 20 --slots 10
 
 Prints `ready N` on stdout once every worker has registered. Signals: SIGUSR1 makes the first
 `--stall-count` workers stop reading their streams (`Worker.stop_reading`), SIGUSR2 resumes them,
@@ -25,12 +25,14 @@ import time
 from typing import Any
 
 import grpc
+import uvloop
 
 from sluicegate.worker import TaskContext, Worker, WorkerSettings
 
 NOOP_ACTION = "bench.noop"
 PAYLOAD_BYTES = 512
 STAMP = struct.Struct("<d")
+RAMP_PAUSE = 0.2  # seconds between two groups of workers connecting
 OUTPUT = struct.Struct("<dd")  # (send time carried by the payload, handler start time)
 
 
@@ -104,7 +106,7 @@ async def run_fleet(args: argparse.Namespace) -> int:
             if args.ramp and start + len(group) < len(fleet):
                 # Connect the next group only once this one has registered (and a moment to open its streams).
                 await asyncio.wait_for(asyncio.gather(*(w.registered.wait() for w in group)), args.ready_timeout)
-                await asyncio.sleep(args.ramp_pause)
+                await asyncio.sleep(RAMP_PAUSE)
         waiting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(w.registered.wait() for w in fleet)))
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         await asyncio.wait([waiting, stopped], timeout=args.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -126,7 +128,7 @@ async def run_fleet(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sluicegate.bench.fleet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
     parser.add_argument("--dispatchers", required=True, help="comma-separated host:port list")
     parser.add_argument("--workers", type=int, default=20)
     parser.add_argument("--slots", type=int, default=10)
@@ -134,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-count", type=int, default=0, help="workers that SIGUSR1 stalls")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     parser.add_argument("--ramp", type=int, default=0, help="connect this many workers at a time (0: all at once)")
-    parser.add_argument("--ramp-pause", type=float, default=0.2, help="seconds between two ramp groups")
-    parser.add_argument("--shared-connection", action="store_true", help="let gRPC share one connection")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -143,12 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.shared_connection:
-        _own_connections()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(run_fleet(args))
+    _own_connections()
     return uvloop.run(run_fleet(args))
 
 

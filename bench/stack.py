@@ -7,17 +7,70 @@ import contextlib
 import signal
 import uuid
 
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from google.protobuf.message import DecodeError
+
+from bench.fleet import worker_id
+from bench.procs import Child, Processes, free_port, python_module, wait_for_port
 from sluicegate import amqp
-from sluicegate.bench.fleet import worker_id
-from sluicegate.bench.procs import Child, Processes, free_port, python_module, wait_for_port
-from sluicegate.bench.runs import StateWatcher
 from sluicegate.settings import BrokerSettings
+from sluicegate.v1 import messages_pb2
 
 
 def split(total: int, parts: int) -> list[int]:
     """`total` split into `parts` near-equal positive counts."""
     parts = max(1, min(parts, total))
     return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+class StateWatcher:
+    """Follows one dispatcher's worker-state snapshots: how many workers are connected and ready."""
+
+    def __init__(self, broker: BrokerSettings, dispatcher_id: str) -> None:
+        self.broker = broker
+        self.topology = amqp.Topology(broker.prefix)
+        self.dispatcher_id = dispatcher_id
+        self.workers = 0
+        self.ready = 0
+        self._changed = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+
+    async def start(self) -> None:
+        self._connection = await amqp.connect(self.broker.urls, deadline=10)
+        channel = await self._connection.channel()
+        exchanges = await amqp.Exchanges(self.topology).declare(channel)
+        queue = await channel.declare_queue(
+            f"{self.broker.prefix}.bench.state.{self.dispatcher_id}", durable=False, exclusive=True, auto_delete=True
+        )
+        await queue.bind(exchanges.events, routing_key=self.topology.state_key(self.dispatcher_id))
+        await queue.consume(self._on_state, no_ack=True)
+
+    async def _on_state(self, message: AbstractIncomingMessage) -> None:
+        try:
+            state = messages_pb2.DispatcherState.FromString(message.body)
+        except DecodeError:
+            return
+        self.workers = len(state.workers)
+        self.ready = sum(w.ready for w in state.workers)
+        self._changed.set()
+
+    async def wait_ready(self, count: int, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.ready < count:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+        return True
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
 
 
 class Stack:
@@ -41,7 +94,8 @@ class Stack:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """The environment a process needs to reach this stack's broker and prefix."""
         return {"RABBITMQ_URL": ",".join(self.broker.urls), "SLUICEGATE_PREFIX": self.broker.prefix}
 
     def _sluicegate(self, *args: str) -> list[str]:
@@ -60,7 +114,7 @@ class Stack:
             "--drain-grace",
             "500ms",
         )
-        self.dispatcher = self.procs.start(f"{self.tag}-dispatcher", argv, env=self._env())
+        self.dispatcher = self.procs.start(f"{self.tag}-dispatcher", argv, env=self.env())
         await wait_for_port(self.dispatcher, self.port)
         self.watcher = StateWatcher(self.broker, self.dispatcher_id)
         await self.watcher.start()
@@ -68,7 +122,7 @@ class Stack:
 
     def start_scheduler(self, env: dict[str, str] | None = None) -> Child:
         argv = self._sluicegate("scheduler")
-        self.scheduler = self.procs.start(f"{self.tag}-scheduler", argv, env=self._env() | (env or {}))
+        self.scheduler = self.procs.start(f"{self.tag}-scheduler", argv, env=self.env() | (env or {}))
         return self.scheduler
 
     async def start_fleets(
@@ -88,7 +142,7 @@ class Stack:
             fleet_name = f"{name}f{k}"
             stalls = min(stall_count, count) if k == 0 else 0
             argv = python_module(
-                "sluicegate.bench.fleet",
+                "bench.fleet",
                 "--dispatchers",
                 self.address,
                 "--workers",
@@ -104,7 +158,7 @@ class Stack:
                 "--ramp",
                 str(ramp),
             )
-            self.fleets.append(self.procs.start(f"{self.tag}-{fleet_name}", argv, env=self._env(), stdout=True))
+            self.fleets.append(self.procs.start(f"{self.tag}-{fleet_name}", argv, env=self.env(), stdout=True))
             self.stalled_ids += [worker_id(fleet_name, i) for i in range(stalls)]
         self.workers += workers
         for fleet in self.fleets:

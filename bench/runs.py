@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from google.protobuf.message import DecodeError
+from aio_pika.abc import AbstractIncomingMessage
 
-from sluicegate import amqp
-from sluicegate.bench.fleet import NOOP_ACTION, make_payload, read_output
+from bench.fleet import NOOP_ACTION, make_payload, read_output
 from sluicegate.client import Client, TaskSpec
 from sluicegate.report import percentile
 from sluicegate.settings import BrokerSettings
@@ -37,14 +35,12 @@ class BenchClient(Client):
         self.arrivals: dict[str, float] = {}
         self._pending: set[str] = set()
         self._all_in = asyncio.Event()
-        self._hooked = False
 
     def expect(self, task_ids: Iterable[str]) -> None:
         self._pending.update(task_ids)
         self._all_in.clear()
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
-        self._hooked = True
         before = len(self.results)
         await super()._on_result(message)
         added = len(self.results) - before
@@ -56,15 +52,6 @@ class BenchClient(Client):
             if not self._pending:
                 self._all_in.set()
 
-    def _sweep(self) -> None:
-        """Fallback for a Client whose result hook changed: stamp what arrived since the last sweep."""
-        now = time.time()
-        for task_id in [t for t in self._pending if t in self.results]:
-            self.arrivals[task_id] = now
-            self._pending.discard(task_id)
-        if not self._pending:
-            self._all_in.set()
-
     async def wait_all(self, timeout: float) -> bool:
         """Wait until every expected result is in; False if some are still missing at the timeout."""
         loop = asyncio.get_running_loop()
@@ -74,9 +61,7 @@ class BenchClient(Client):
             if left <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_in.wait(), min(left, 0.05 if not self._hooked else 1.0))
-            if not self._hooked and self.results:
-                self._sweep()
+                await asyncio.wait_for(self._all_in.wait(), min(left, 1.0))
         return True
 
 
@@ -91,6 +76,12 @@ class Sample:
     requeued_at: float | None  # the last requeue record's time, if it was requeued
     reasons: tuple[str, ...]
     ok: bool
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Sample:
+        """A sample from its fields in order, as `dataclasses.astuple` gives them and JSON keeps them."""
+        task_id, scheduled, started, arrived, worker_id, attempt, requeued_at, reasons, ok = row
+        return cls(task_id, scheduled, started, arrived, worker_id, attempt, requeued_at, tuple(reasons), ok)
 
     @property
     def receipt_ms(self) -> float | None:
@@ -187,111 +178,6 @@ async def closed_loop(
     await client.submit_many([TaskSpec(NOOP_ACTION, payload, task_id=i) for i in ids], batch_size=batch_size)
     await client.wait_all(timeout)
     return RunResult(name, tasks, started, _collect(client, name, scheduled, started))
-
-
-async def open_loop(
-    client: BenchClient,
-    name: str,
-    rate: float,
-    duration: float,
-    payload_bytes: int,
-    timeout: float,
-) -> RunResult:
-    """Submit on a fixed timetable of `rate` tasks/s for `duration` s, whatever comes back; then wait.
-
-    Whatever is due when the producer wakes goes out in one submit (one AMQP message); each
-    submit is its own task, so a slow confirm never holds back the timetable.
-    """
-    count = max(1, round(rate * duration))
-    origin = time.time() + 0.05
-    scheduled: dict[str, float] = {}
-    in_flight: set[asyncio.Task[list[str]]] = set()
-    failures: list[BaseException] = []
-    worst_lag = 0.0
-    sent = 0
-
-    def settled(task: asyncio.Task[list[str]]) -> None:
-        in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            failures.append(task.exception())  # type: ignore[arg-type]
-
-    while sent < count:
-        now = time.time()
-        due = min(count, math.floor((now - origin) * rate) + 1) if now >= origin else 0
-        if due > sent:
-            worst_lag = max(worst_lag, now - (origin + sent / rate))
-            specs = []
-            for k in range(sent, due):
-                when = origin + k / rate
-                task_id = f"{name}-{k}"
-                scheduled[task_id] = when
-                specs.append(TaskSpec(NOOP_ACTION, make_payload(when, payload_bytes), task_id=task_id))
-            client.expect(s.task_id for s in specs)
-            task = asyncio.create_task(client.submit_many(specs))
-            in_flight.add(task)
-            task.add_done_callback(settled)
-            sent = due
-        if sent < count:
-            await asyncio.sleep(max(0.0, origin + sent / rate - time.time()))
-    if in_flight:
-        await asyncio.wait(set(in_flight))
-    if failures:
-        raise failures[0]
-    await client.wait_all(timeout)
-    result = RunResult(name, count, origin, _collect(client, name, scheduled, origin))
-    result.offered_rate = rate
-    result.send_lag_ms = worst_lag * 1000
-    return result
-
-
-class StateWatcher:
-    """Follows one dispatcher's worker-state snapshots: how many workers are connected and ready."""
-
-    def __init__(self, broker: BrokerSettings, dispatcher_id: str) -> None:
-        self.broker = broker
-        self.topology = amqp.Topology(broker.prefix)
-        self.dispatcher_id = dispatcher_id
-        self.workers = 0
-        self.ready = 0
-        self._changed = asyncio.Event()
-        self._connection: AbstractRobustConnection | None = None
-
-    async def start(self) -> None:
-        self._connection = await amqp.connect(self.broker.urls, deadline=10)
-        channel = await self._connection.channel()
-        exchanges = await amqp.Exchanges(self.topology).declare(channel)
-        queue = await channel.declare_queue(
-            f"{self.broker.prefix}.bench.state.{self.dispatcher_id}", durable=False, exclusive=True, auto_delete=True
-        )
-        await queue.bind(exchanges.events, routing_key=self.topology.state_key(self.dispatcher_id))
-        await queue.consume(self._on_state, no_ack=True)
-
-    async def _on_state(self, message: AbstractIncomingMessage) -> None:
-        try:
-            state = messages_pb2.DispatcherState.FromString(message.body)
-        except DecodeError:
-            return
-        self.workers = len(state.workers)
-        self.ready = sum(w.ready for w in state.workers)
-        self._changed.set()
-
-    async def wait_ready(self, count: int, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.ready < count:
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
-        return True
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
-            self._connection = None
 
 
 async def broker_version(url: str) -> str:

@@ -1,4 +1,4 @@
-"""The benchmark's command-line options (kept light: `sluicegate --help` imports this, nothing heavy)."""
+"""The benchmark's command-line options and the sizes of a full and a quick run."""
 
 from __future__ import annotations
 
@@ -6,33 +6,34 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-# Sizes of a full run, and of `--quick` (a smoke run that finishes well inside a minute).
+from bench.rivals import RIVALS
+
+# Sizes of a full run, and of `--quick` (a smoke run of a minute or two).
 FULL: dict[str, Any] = {
     "tasks": 20_000,
     "warmup": 1_000,
-    "workers": 20,
     "many_workers": 200,
     "idle_streams": 1_000,
     "duration": 10.0,
-    "celery_tasks": 10_000,
-    "celery_pools": "threads,prefork",
+    "rates": "100,200,400,800",
+    "rival_tasks": 10_000,
+    "rivals": "celery-threads,celery-prefork,dramatiq",
     "ack_timeout": "5s",
     "profile_tasks": 10_000,
-    "sweep": "50,100,200",
 }
 QUICK: dict[str, Any] = {
     "tasks": 400,
     "warmup": 100,
-    "workers": 20,
     "many_workers": 40,
     "idle_streams": 100,
     "duration": 2.0,
-    "celery_tasks": 400,
-    "celery_pools": "threads",
+    "rates": "50,100",
+    "rival_tasks": 400,
+    "rivals": "celery-threads,dramatiq",
     "ack_timeout": "1s",
     "profile_tasks": 400,
-    "sweep": "",
 }
+PHASES = ("throughput", "latency", "stall", "rivals", "many", "memory")
 
 
 @dataclass(slots=True)
@@ -45,13 +46,11 @@ class Options:
     idle_streams: int
     slots: int
     duration: float
-    rate: float | None
+    rates: list[float]
+    producers: int
     payload_bytes: int
-    fleet_procs: int | None
-    celery_tasks: int
-    celery_pools: list[str]
-    celery_threads: int
-    celery_processes: int
+    rival_tasks: int
+    rivals: list[str]
     ack_timeout: str
     stall_fraction: float
     prefix: str
@@ -63,40 +62,32 @@ class Options:
     log_dir: str | None
     log_level: str
     skip: set[str]
-    sweep: list[float]
     wait_quiet: float
 
-    def fleets_for(self, workers: int) -> int:
-        return self.fleet_procs or (1 if workers <= 50 else 2)
 
-
-PHASES = ("lock", "throughput", "latency", "stall", "celery", "many", "memory")
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) -> None:
-    """Add the benchmark's options; `standalone` adds the ones the `sluicegate` command has globally."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
     size = parser.add_argument_group("sizes (defaults: a full run; --quick shrinks them)")
-    size.add_argument("--quick", action="store_true", help="a tiny smoke run (well under a minute)")
-    size.add_argument("--tasks", type=int, help="tasks in each throughput run (full 20000, quick 400)")
+    size.add_argument("--quick", action="store_true", help="a small smoke run")
+    size.add_argument("--tasks", type=int, help="tasks in each closed loop (full 20000, quick 400)")
     size.add_argument("--warmup", type=int, help="tasks pushed through before measuring (full 1000)")
-    size.add_argument("--workers", type=int, help="worker streams of the main scenario (20)")
-    size.add_argument("--many-workers", type=int, help="worker streams of the second latency run (full 200)")
+    size.add_argument("--workers", type=int, default=20, help="workers of the main fleet (20)")
+    size.add_argument("--many-workers", type=int, help="workers of the second fleet (full 200)")
     size.add_argument("--idle-streams", type=int, help="idle streams for the memory figure (full 1000)")
     size.add_argument("--slots", type=int, default=10, help="slots per worker (10)")
-    size.add_argument("--duration", type=float, help="seconds of each open-loop latency run (full 10)")
-    size.add_argument("--rate", type=float, help="offered tasks/s of the latency runs (default: half the capacity)")
-    size.add_argument("--sweep", help="extra open-loop rates (tasks/s, comma-separated; full 50,100,200; '' for none)")
+    size.add_argument("--rates", help="open-loop rates, tasks/s, comma-separated (full 100,200,400,800)")
+    size.add_argument("--duration", type=float, help="seconds of each open-loop rate (full 10)")
+    size.add_argument("--producers", type=int, default=4, help="open-loop producer processes (4)")
     size.add_argument("--payload-bytes", type=int, default=512)
-    size.add_argument("--fleet-procs", type=int, help="worker processes per scenario (default 1, or 2 over 50)")
-    size.add_argument("--celery-tasks", type=int, help="tasks in each Celery run (full 10000)")
-    size.add_argument("--celery-pools", help="comma-separated: threads, prefork (full both, quick threads)")
-    size.add_argument("--celery-threads", type=int, default=20, help="threads of the Celery thread pool (20)")
-    size.add_argument("--celery-processes", type=int, default=2, help="processes of the Celery prefork pool (2)")
+    size.add_argument("--rival-tasks", type=int, help="tasks in each Celery and Dramatiq closed loop (full 10000)")
+    size.add_argument(
+        "--rivals", help=f"comma-separated: {', '.join(RIVALS)} (full all, quick celery-threads,dramatiq; '' none)"
+    )
     size.add_argument("--ack-timeout", help="dispatcher receipt deadline (full 5s as deployed; quick 1s)")
     size.add_argument("--stall-fraction", type=float, default=0.1, help="share of workers that stop reading")
     size.add_argument("--skip", default="", help=f"comma-separated phases to leave out: {', '.join(PHASES)}")
     out = parser.add_argument_group("output")
-    out.add_argument("--profile", metavar="DIR", help="also profile a throughput run with py-spy; stacks to DIR")
+    out.add_argument("--profile", metavar="DIR", help="also profile a closed loop with py-spy; stacks to DIR")
     out.add_argument("--profile-tasks", type=int, help="tasks in the profiled run (full 10000)")
     out.add_argument("--profile-native", action="store_true", help="let py-spy unwind native frames too (slower)")
     out.add_argument(
@@ -115,54 +106,57 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = False) 
         metavar="SECONDS",
         help="first wait up to SECONDS for the machine to be nearly idle (it is shared with the broker)",
     )
-    if standalone:
-        parser.add_argument("--prefix", help="base of the run's unique queue and exchange prefix (sluicegate)")
-        parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
+    parser.add_argument("--prefix", help="base of the run's unique queue and exchange prefix (sluicegate)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def resolve(args: argparse.Namespace) -> Options:
-    """Options from parsed arguments, filling sizes from FULL or QUICK."""
+    """Options from parsed arguments, filling sizes from FULL or QUICK; ValueError names a bad one."""
     sizes = QUICK if args.quick else FULL
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)
         return sizes[name] if value is None else value
 
-    pools = [p.strip() for p in str(pick("celery_pools")).split(",") if p.strip()]
-    bad = [p for p in pools if p not in ("threads", "prefork")]
-    if bad:
-        raise ValueError(f"unknown Celery pool {bad[0]!r}; use threads or prefork")
-    skip = {s.strip() for s in (args.skip or "").split(",") if s.strip()}
-    if skip - set(PHASES):
-        raise ValueError(f"unknown phase {sorted(skip - set(PHASES))[0]!r}; phases are {', '.join(PHASES)}")
+    rivals = _list(str(pick("rivals")))
+    if bad := [r for r in rivals if r not in RIVALS]:
+        raise ValueError(f"unknown rival {bad[0]!r}; rivals are {', '.join(RIVALS)}")
+    skip = set(_list(args.skip or ""))
+    if bad := sorted(skip - set(PHASES)):
+        raise ValueError(f"unknown phase {bad[0]!r}; phases are {', '.join(PHASES)}")
+    try:
+        rates = [float(r) for r in _list(str(pick("rates")))]
+    except ValueError:
+        raise ValueError("--rates must be numbers, comma-separated") from None
     options = Options(
         quick=args.quick,
         tasks=int(pick("tasks")),
         warmup=int(pick("warmup")),
-        workers=int(pick("workers")),
+        workers=args.workers,
         many_workers=int(pick("many_workers")),
         idle_streams=int(pick("idle_streams")),
         slots=args.slots,
         duration=float(pick("duration")),
-        rate=args.rate,
+        rates=rates,
+        producers=args.producers,
         payload_bytes=args.payload_bytes,
-        fleet_procs=args.fleet_procs,
-        celery_tasks=int(pick("celery_tasks")),
-        celery_pools=pools,
-        celery_threads=args.celery_threads,
-        celery_processes=args.celery_processes,
+        rival_tasks=int(pick("rival_tasks")),
+        rivals=rivals,
         ack_timeout=str(pick("ack_timeout")),
         stall_fraction=args.stall_fraction,
-        prefix=getattr(args, "prefix", None) or "sluicegate",
+        prefix=args.prefix or "sluicegate",
         profile=args.profile,
         profile_tasks=int(pick("profile_tasks")),
         profile_native=args.profile_native,
         record=args.record,
         json_path=args.json_path,
         log_dir=args.log_dir,
-        log_level=getattr(args, "log_level", None) or "WARNING",
+        log_level=args.log_level or "WARNING",
         skip=skip,
-        sweep=[float(r) for r in str(pick("sweep")).split(",") if r.strip()],
         wait_quiet=args.wait_quiet,
     )
     checks = [
@@ -173,12 +167,11 @@ def resolve(args: argparse.Namespace) -> Options:
         (1 <= options.idle_streams <= 5000, "--idle-streams must be between 1 and 5000"),
         (1 <= options.slots <= 1000, "--slots must be between 1 and 1000"),
         (0.2 <= options.duration <= 600, "--duration must be between 0.2 and 600 seconds"),
-        (options.rate is None or 1 <= options.rate <= 100_000, "--rate must be between 1 and 100000"),
+        (bool(rates) and all(1 <= r <= 100_000 for r in rates), "--rates must be between 1 and 100000 tasks/s"),
+        (1 <= options.producers <= 32, "--producers must be between 1 and 32"),
         (8 <= options.payload_bytes <= 1_000_000, "--payload-bytes must be between 8 and 1000000"),
-        (options.fleet_procs is None or 1 <= options.fleet_procs <= 16, "--fleet-procs must be between 1 and 16"),
         (0 < options.stall_fraction < 1, "--stall-fraction must be between 0 and 1"),
-        (1 <= options.celery_tasks <= 1_000_000, "--celery-tasks must be between 1 and 1000000"),
-        (all(1 <= r <= 100_000 for r in options.sweep), "--sweep rates must be between 1 and 100000"),
+        (1 <= options.rival_tasks <= 1_000_000, "--rival-tasks must be between 1 and 1000000"),
     ]
     for ok, message in checks:
         if not ok:

@@ -26,11 +26,44 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _PR_SET_PDEATHSIG = 1
 RUN_ENV = "SLUICEGATE_BENCH_RUN"  # every child carries the run id, so leftovers can be found
+ROOT = Path(__file__).resolve().parents[1]  # the repository: children import `bench` from it
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def merged(values: dict[str, float]) -> dict[str, float]:
+    """Per-process figures with numbered processes of one role summed: `workers0` + `workers1` -> `workers`."""
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        role = name.rstrip("0123456789")
+        out[role] = out.get(role, 0.0) + value
+    return out
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine so far (all cores, idle and iowait excluded)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+async def wait_until_quiet(limit: float, *, busy_below: float = 0.15, window: float = 3.0) -> bool:
+    """Wait (at most `limit` seconds) until the machine has been nearly idle for three windows in a row."""
+    cores = os.cpu_count() or 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    quiet = 0
+    while loop.time() < deadline:
+        before = system_busy_seconds()
+        await asyncio.sleep(window)
+        share = (system_busy_seconds() - before) / (window * cores)
+        quiet = quiet + 1 if share < busy_below else 0
+        if quiet >= 3:
+            return True
+    return False
 
 
 def free_port() -> int:
@@ -91,20 +124,36 @@ def rss_bytes(pid: int) -> int:
     return pages * PAGE_SIZE
 
 
-def find_broker_pid() -> int | None:
-    """The local RabbitMQ node (beam.smp running `rabbit boot`), when exactly one runs here; read-only."""
-    found = []
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` (any address)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    found.add(fields[9])
+    return found
+
+
+def find_broker_pid(port: int = 5672) -> int | None:
+    """The local RabbitMQ node listening on `port` (a beam.smp process), if it runs here; read-only.
+
+    Other RabbitMQ nodes may run on the machine (private ones of other tests): the one that holds
+    the listening socket is the broker the benchmark uses.
+    """
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if Path(entry, "comm").read_text().strip() != "beam.smp":
                 continue
-            if b"rabbit" in Path(entry, "cmdline").read_bytes():
-                found.append(int(entry.name))
+            if any(os.readlink(fd) in sockets for fd in Path(entry, "fd").iterdir()):
+                return int(entry.name)
         except OSError:
             continue
-    return found[0] if len(found) == 1 else None
+    return None
 
 
 class Child:
@@ -146,9 +195,10 @@ class Child:
     def _close_log(self) -> None:
         with contextlib.suppress(Exception):
             self._log_file.close()
-        if self.popen.stdout is not None:
-            with contextlib.suppress(Exception):
-                self.popen.stdout.close()
+        for pipe in (self.popen.stdout, self.popen.stdin):
+            if pipe is not None:
+                with contextlib.suppress(Exception):
+                    pipe.close()
 
     async def stop(self, grace: float = 10.0, sig: int | None = signal.SIGTERM) -> int | None:
         """Send `sig`, wait up to `grace` seconds, then SIGKILL the group; returns the exit code."""
@@ -161,6 +211,13 @@ class Child:
         code = self.popen.poll()
         self.kill_group()  # also reaps anything the child left behind in its group
         return code
+
+    def write_line(self, line: str) -> None:
+        """Send one line to the child's stdin (started with `stdin=True`)."""
+        if self.popen.stdin is None:
+            raise RuntimeError(f"{self.name} has no stdin pipe")
+        self.popen.stdin.write(line.encode() + b"\n")
+        self.popen.stdin.flush()
 
     async def read_line(self, timeout: float) -> str:
         """The next line the child prints on stdout (started with `stdout=True`)."""
@@ -188,15 +245,17 @@ class Processes:
         *,
         env: dict[str, str] | None = None,
         stdout: bool = False,
+        stdin: bool = False,
     ) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("ab")
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         popen = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout else log_file,
             stderr=log_file,
-            env={**os.environ, RUN_ENV: self.run_id, **(env or {})},
+            env={**os.environ, RUN_ENV: self.run_id, "PYTHONPATH": path, **(env or {})},
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

@@ -1,11 +1,11 @@
 """The Celery side of the benchmark: the same no-op task, on the same broker.
 
-Celery is a benchmark extra (`pip install 'sluicegate[bench]'`), never a runtime dependency: only
+Celery is a benchmark extra (`pip install -e '.[bench]'`), never a runtime dependency: only
 the benchmark imports this module, and only when Celery is installed. The worker is started as
 
-    celery -A sluicegate.bench.celery_app worker --pool threads -c 20
+    celery -A bench.celery_app worker --pool threads -c 20
 
-with SLUICEGATE_BENCH_CELERY_QUEUE naming the queue (and exchange) the run uses and RABBITMQ_URL
+with SLUICEGATE_BENCH_QUEUE naming the queue (and exchange) the run uses and RABBITMQ_URL
 the broker. Settings: RabbitMQ broker, `rpc://` result backend, late acks, everything else Celery's
 defaults (prefetch multiplier 4, JSON serializer, no publisher confirms). Remote control, events,
 gossip, mingle and heartbeats are off so that the run declares nothing outside its own names.
@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-QUEUE_ENV = "SLUICEGATE_BENCH_CELERY_QUEUE"
+QUEUE_ENV = "SLUICEGATE_BENCH_QUEUE"
 TASK_NAME = "bench.noop"
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 
@@ -63,7 +63,7 @@ def _app_from_env() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A sluicegate.bench.celery_app` looks up `app`; built on first use so that importing
+    # `celery -A bench.celery_app` looks up `app`; built on first use so that importing
     # this module for its helpers never needs Celery.
     if name == "app":
         app = _app_from_env()
