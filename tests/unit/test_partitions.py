@@ -239,3 +239,22 @@ def test_a_slot_lost_to_another_partition_spends_no_dispatch_attempt(partitions:
         assert [e.kind for e in entries] == [Kind.DEAD]
     else:
         assert [(e.kind, e.body.dispatch_failures) for e in entries] == [(Kind.ASSIGN, 0)]
+
+
+def test_status_shows_every_partitions_queues_and_the_shared_ones_once() -> None:
+    from sluicegate.status import queue_names
+
+    topology = amqp.Topology("sg")
+    one = queue_names(topology, ["sg.intake.a", "sg.lane.a.x"], ["d1"])
+    assert one[:5] == [
+        ("sg.tasks", "tasks"), ("sg.requeue", "requeue"), ("sg.due", "due"), ("sg.dead", "dead"),
+        ("sg.lifecycle", "lifecycle"),
+    ]  # fmt: skip
+    two = dict(queue_names(topology, ["sg.intake.a", "sg.p1.intake.b", "sg.p1.lane.b.x"], ["d1"], partitions=2))
+    assert two["sg.p1.tasks"] == "tasks"
+    assert two["sg.p1.requeue"] == "requeue"
+    assert two["sg.p1.intake.b"] == "intake"
+    assert two["sg.p1.lane.b.x"] == "lane"
+    assert two["sg.p1.delay.100ms"] == "delay"
+    assert [name for name, kind in queue_names(topology, [], ["d1"], partitions=2) if kind == "dead"] == ["sg.dead"]
+    assert len([n for n in two if n.startswith("sg.delay.")]) == len(amqp.DELAY_RUNGS_MS)
