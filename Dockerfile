@@ -48,7 +48,8 @@ RUN groupadd --system --gid 10001 sluicegate \
 COPY --from=builder /opt/sluicegate /opt/sluicegate
 COPY deploy/docker/healthcheck.py /opt/sluicegate/healthcheck.py
 
-# Container defaults: listen on every interface (the library default is loopback only), log JSON
+# Container defaults: listen on every interface (the library default is loopback only; a dispatcher
+# then needs TLS and credentials, or SLUICEGATE_DISPATCHER_INSECURE=true: README, Security), log JSON
 # lines for the log collector, and serve metrics and health on the port the HEALTHCHECK probes.
 ENV PATH="/opt/sluicegate/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \

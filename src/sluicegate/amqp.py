@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import uuid
 import weakref
 import zlib
@@ -238,7 +239,7 @@ class Exchanges:
         self.control: AbstractExchange
         self.default: AbstractExchange  # the channel's default exchange: straight to a queue by its name
 
-    async def declare(self, channel: AbstractChannel) -> Exchanges:
+    async def declare(self, channel: AbstractChannel, *, service_queues: bool = True) -> Exchanges:
         """Declare the topology once; a robust channel is not told to declare it again after a reconnect.
 
         Everything here is durable (and the queues replicated), so it outlives any connection;
@@ -264,10 +265,13 @@ class Exchanges:
         self.control = await declare_exchange(channel, t.control, fanout, restore=False)
         # The durable queues that must exist before anything is published to them, so that a
         # submit before the scheduler ever ran is kept, not returned.
+        # A client (`service_queues=False`) needs only the first: its broker user may not read
+        # `requeue` or `dead`, which carry every tenant's tasks.
         sac = quorum(**{"x-single-active-consumer": True})
         await declare_bound_queue(channel, self.unrouted, t.tasks, sac, restore=False)
-        await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
-        await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
+        if service_queues:
+            await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
+            await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
         await declare_cancels(channel, t)
         return self
 
@@ -343,7 +347,11 @@ def inbox_arguments(topology: Topology, ttl: timedelta, expires: timedelta) -> d
 
 
 async def connect(
-    urls: str | Sequence[str], *, deadline: float = 30.0, heartbeat: int | None = None
+    urls: str | Sequence[str],
+    *,
+    deadline: float = 30.0,
+    heartbeat: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AbstractRobustConnection:
     """Connect robustly to one of the broker addresses, retrying the first connect until `deadline`.
 
@@ -359,7 +367,7 @@ async def connect(
     delay = 0.1
     attempt = 0
     while True:
-        connection = FailoverConnection(addresses, start=start + attempt, heartbeat=heartbeat)
+        connection = FailoverConnection(addresses, start=start + attempt, heartbeat=heartbeat, ssl_context=ssl_context)
         attempt += 1
         try:
             await connection.connect(timeout=5)
@@ -382,7 +390,11 @@ async def connect(
 
 
 async def connect_plain(
-    urls: str | Sequence[str], *, deadline: float = 30.0, heartbeat: int | None = None
+    urls: str | Sequence[str],
+    *,
+    deadline: float = 30.0,
+    heartbeat: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AbstractConnection:
     """A connection that stays closed when it closes, to one of the addresses (a random one first).
 
@@ -398,7 +410,9 @@ async def connect_plain(
         url = addresses[(start + attempt) % len(addresses)]
         attempt += 1
         try:
-            connection: AbstractConnection = await aio_pika.connect(with_heartbeat(url, heartbeat), timeout=5)
+            connection: AbstractConnection = await aio_pika.connect(
+                with_heartbeat(url, heartbeat), timeout=5, ssl_context=ssl_context
+            )
             return connection
         except REFUSALS as err:
             raise refused(err, url) from err
@@ -422,7 +436,21 @@ def with_heartbeat(url: str, seconds: int | None) -> str:
 
 async def connect_broker(broker: BrokerSettings) -> AbstractRobustConnection:
     """Connect to the broker addresses the settings name, retrying for as long as they allow."""
-    return await connect(broker.urls, deadline=broker.connect_deadline.total_seconds(), heartbeat=broker.heartbeat_s)
+    return await connect(
+        broker.urls,
+        deadline=broker.connect_deadline.total_seconds(),
+        heartbeat=broker.heartbeat_s,
+        ssl_context=broker.ssl_context(),
+    )
+
+
+def trusted(message: AbstractIncomingMessage, publishers: frozenset[str]) -> bool:
+    """Whether a state or result message comes from a broker user we believe (none named: all of them).
+
+    The broker refuses a publish whose user_id is not the publishing connection's user, so the
+    property cannot be forged by anyone but those users.
+    """
+    return not publishers or message.user_id in publishers
 
 
 async def publish(
@@ -435,8 +463,9 @@ async def publish(
     timeout: float = 10.0,
     persistent: bool = True,
     message_id: str | None = None,
+    user_id: str | None = None,
 ) -> None:
-    """Publish and wait for the broker's confirm.
+    """Publish and wait for the broker's confirm; `user_id` must be the connection's own user.
 
     Raises Unroutable when a mandatory publish is returned, PublishError when it is nacked, not
     confirmed in time, or the channel is lost. Nothing is ever dropped silently.
@@ -446,6 +475,7 @@ async def publish(
         headers=dict(headers) if headers else None,
         content_type=CONTENT_TYPE,
         message_id=message_id or uuid.uuid4().hex,
+        user_id=user_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
     )
     try:
@@ -509,6 +539,7 @@ async def publish_until_confirmed(
     timeout: float = 10.0,
     message_id: str | None = None,
     stop: asyncio.Event | None = None,
+    user_id: str | None = None,
 ) -> None:
     """Retry a publish across connection loss until the broker confirms it.
 
@@ -527,6 +558,7 @@ async def publish_until_confirmed(
                 mandatory=mandatory,
                 timeout=timeout,
                 message_id=message_id,
+                user_id=user_id,
             )
             return
         except PublishError as err:

@@ -58,6 +58,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         send_lock_timeout=args.send_lock_timeout,
         ack_timeout=args.ack_timeout,
         drain_grace=args.drain_grace,
+        insecure=args.insecure,
     )
     check_metrics()
     stop = stop_on_signals()
@@ -206,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send-lock-timeout", help="longest wait for a worker's send lock, e.g. 250ms (default: 250ms)")
     p.add_argument("--ack-timeout", help="a worker must acknowledge receipt within this, e.g. 5s (default: 2s)")
     p.add_argument("--drain-grace", help="on SIGTERM, how long running tasks may finish, e.g. 10s (default: 10s)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="listen beyond loopback without TLS and credentials (default: SLUICEGATE_DISPATCHER_INSECURE, else off)",
+    )
     p.set_defaults(run=cmd_dispatcher)
 
     p = add_parser(commands, "worker", "run a demo worker (actions echo, sleep, fail)")
@@ -256,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_record_commands(commands)
     add_ops_commands(commands)
     add_dead_commands(commands)
+
+    from sluicegate.cli_token import add_commands as add_token_commands
+
+    add_token_commands(commands)
 
     p = add_parser(commands, "demo", "run the whole pipeline locally with a worker that stalls")
     p.add_argument("--workers", type=int, default=4, help="workers, one of which goes deaf")

@@ -134,6 +134,7 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self.max_payload = max_payload
         self.duplicates = 0
+        self.untrusted = 0  # results dropped: not published by a trusted broker user
         self._results: dict[str, TaskResult] = {}
         self._messages_seen: OrderedDict[str, None] = OrderedDict()  # redeliveries are not duplicates
         self._waiters: dict[str, asyncio.Future[TaskResult]] = {}
@@ -156,11 +157,11 @@ class Client:
     async def connect(self) -> None:
         self._connection = await amqp.connect_broker(self.broker)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchanges = await amqp.Exchanges(self.topology).declare(channel)
+        exchanges = await amqp.Exchanges(self.topology).declare(channel, service_queues=False)
         self._tasks = exchanges.tasks
         # With partitions, each has a `tasks` exchange of its own; a tenant's tasks go to its partition's.
         self._partition_tasks = [self._tasks] + [
-            (await amqp.Exchanges(self.topology.of_partition(k)).declare(channel)).tasks
+            (await amqp.Exchanges(self.topology.of_partition(k)).declare(channel, service_queues=False)).tasks
             for k in range(1, self.broker.partitions)
         ]
         self._default = channel.default_exchange
@@ -412,6 +413,11 @@ class Client:
         return self._results
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        if not amqp.trusted(message, self.broker.trusted):
+            self.untrusted += 1  # a forged result: not from a dispatcher or scheduler user
+            with contextlib.suppress(Exception):
+                await message.ack()
+            return
         redelivered = message.message_id in self._messages_seen
         try:
             batch = messages_pb2.TaskResultBatch.FromString(message.body)

@@ -16,7 +16,9 @@
         ├── StaleAttempt        a report for an attempt the worker no longer holds
         ├── TaskFailed          a task ended in a state other than completed
         ├── BrokerRefused       the broker refused the login (user, password or virtual host)
-        └── SchemaBehind        the task store's schema is older than this release needs
+        ├── SchemaBehind        the task store's schema is older than this release needs
+        ├── Unauthenticated     no credentials, or credentials that do not verify
+        └── PermissionDenied    the caller is known but may not do this
 
 Edges convert once: the gRPC servicer maps these to status codes, the AMQP consumers map them
 to requeue or dead-letter reasons, the CLI to a one-line message and an exit code.
@@ -107,3 +109,11 @@ class BrokerRefused(PermanentError):
 
 class SchemaBehind(PermanentError):
     """The task store's schema is older than this release needs: run `sluicegate migrate`."""
+
+
+class Unauthenticated(PermanentError):
+    """No credentials, or credentials that do not verify (bad signature, expired, unknown key)."""
+
+
+class PermissionDenied(PermanentError):
+    """The caller is who it says, but may not do this (a role, a tenant or a worker id not its own)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -88,6 +90,20 @@ class BrokerSettings(BaseSettings):
         ),
     )
 
+    broker_tls_ca: Path | None = Field(
+        default=None, description="CA bundle the broker's certificate is verified against (amqps:// addresses)."
+    )
+    broker_tls_cert: Path | None = Field(default=None, description="Client certificate for the broker (optional).")
+    broker_tls_key: Path | None = Field(default=None, description="Private key of broker_tls_cert.")
+    trusted_publishers: str = Field(
+        default="",
+        max_length=1000,
+        description=(
+            "Comma-separated broker users whose worker-state and result messages are believed (the AMQP"
+            " user_id, which the broker checks); empty: every message is believed."
+        ),
+    )
+
     @field_validator("rabbitmq_url")
     @classmethod
     def _check_urls(cls, value: SecretStr) -> SecretStr:
@@ -113,6 +129,28 @@ class BrokerSettings(BaseSettings):
     @property
     def heartbeat_s(self) -> int:
         return int(self.broker_heartbeat.total_seconds())
+
+    @property
+    def user(self) -> str | None:
+        """The broker user of the first address: what this process's messages carry as user_id."""
+        return URL(self.url).user or None
+
+    @property
+    def trusted(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.trusted_publishers.split(",") if u.strip())
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for amqps:// addresses when a CA or a client certificate is set (else the default)."""
+        if self.broker_tls_ca is None and self.broker_tls_cert is None:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.broker_tls_ca) if self.broker_tls_ca else None)
+            if self.broker_tls_cert is not None:
+                key = str(self.broker_tls_key) if self.broker_tls_key else None
+                context.load_cert_chain(str(self.broker_tls_cert), key)
+        except (OSError, ssl.SSLError) as err:
+            raise InvalidInput(f"cannot load the broker's TLS files: {err.strerror or err}") from None
+        return context
 
 
 class LogSettings(BaseSettings):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -181,7 +182,9 @@ class Worker:
             max_payload=s.max_payload_bytes,
             server=False,
         )
-        channel = grpc.aio.insecure_channel(address, options=options, interceptors=telemetry.grpc_client_interceptors())
+        channel = open_channel(address, s, options)
+        token = s.current_token()  # read at every registration: a rotated token needs no restart
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
         async with channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             reply = await stub.Register(
@@ -194,6 +197,7 @@ class Worker:
                     action_options=self._options,
                 ),
                 timeout=10,
+                metadata=metadata,
             )
             self.worker_id = self.attempts.worker_id = reply.worker_id
             self.stats.registrations += 1
@@ -205,7 +209,7 @@ class Worker:
             self.registered.set()
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._session(stub, reply.session_id, reporter))
+                    group.create_task(self._session(stub, reply.session_id, reporter, metadata))
                     group.create_task(self._until_stopped(reporter))
             except* _Stopped:
                 pass
@@ -229,13 +233,19 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
         raise _Stopped
 
-    async def _session(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub, session_id: str, reporter: Reporter) -> None:
+    async def _session(
+        self,
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub,
+        session_id: str,
+        reporter: Reporter,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> None:
         """The session's stream, opened again (same session) when it ends, until the session is lost."""
         backoff = Backoff(cap=1.0)
         hello = worker_pb2.WorkerMessage(worker_id=self.worker_id, session_id=session_id)
         unavailable = 0  # streams in a row that ended UNAVAILABLE without a single message
         while True:
-            call = stub.Session()  # type: ignore[call-arg]  # written to, not fed an iterator
+            call = stub.Session(metadata=metadata)  # type: ignore[call-arg]  # written to, not fed an iterator
             heard = [False]
             tasks: list[asyncio.Task[None]] = []
             try:
@@ -261,6 +271,9 @@ class Worker:
             code = await call.code()
             if code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost("the dispatcher no longer knows this session")
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # The token expired or its key was retired: register again with the token as it is now.
+                raise SessionLost(f"credentials refused ({code.name}: {await call.details()})")
             unavailable = 0 if heard[0] else unavailable + (code == grpc.StatusCode.UNAVAILABLE)
             if unavailable >= 3:
                 # A dead dispatcher never answers NOT_FOUND: without this the worker would retry
@@ -287,6 +300,30 @@ class Worker:
                 self.attempts.stop((control.task_id, control.attempt), control.reason)
         for assignment in message.assignments:
             self.attempts.accept(assignment, reporter)
+
+
+def _read_file(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read the {what} {path.name!r}: {err.strerror}") from None
+
+
+def open_channel(address: str, settings: WorkerSettings, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    """A channel to a dispatcher: TLS (with a client certificate, for mTLS) when configured."""
+    interceptors = telemetry.grpc_client_interceptors()
+    if not settings.secure:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_file(settings.tls_ca, "TLS CA"),
+        private_key=_read_file(settings.tls_key, "TLS key"),
+        certificate_chain=_read_file(settings.tls_cert, "TLS certificate"),
+    )
+    if settings.tls_server_name:
+        options = [*options, ("grpc.ssl_target_name_override", settings.tls_server_name)]
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 class _Stopped(Exception):

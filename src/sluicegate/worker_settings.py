@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from sluicegate.durations import PositiveDuration
@@ -32,6 +33,40 @@ class WorkerSettings(BaseSettings):
     reconnect_max_backoff: PositiveDuration = timedelta(seconds=5)
     shutdown_grace: PositiveDuration = timedelta(seconds=10)
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=1, le=64 * 1024 * 1024)
+    token: SecretStr | None = Field(default=None, description="Token sent with every call (sluicegate token issue).")
+    token_file: Path | None = Field(
+        default=None, description="File holding the token, read again at every registration (rotation, no restart)."
+    )
+    tls: bool = Field(default=False, description="Speak TLS to dispatchers (on by itself when tls_ca is set).")
+    tls_ca: Path | None = Field(default=None, description="CA bundle dispatchers' certificates are verified against.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate (mTLS): names this worker.")
+    tls_key: Path | None = Field(default=None, description="Private key of tls_cert.")
+    tls_server_name: str | None = Field(
+        default=None, max_length=253, description="Name the dispatchers' certificate must carry, if not their host."
+    )
+
+    @model_validator(mode="after")
+    def _tls(self) -> WorkerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SLUICEGATE_WORKER_TLS_CERT and SLUICEGATE_WORKER_TLS_KEY go together")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set SLUICEGATE_WORKER_TOKEN or SLUICEGATE_WORKER_TOKEN_FILE, not both")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def current_token(self) -> str | None:
+        """The token to present now: the setting, or the file's content as it is at this moment."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError as err:
+            raise InvalidInput(f"cannot read the token file {self.token_file.name!r}: {err.strerror}") from None
 
     @field_validator("dispatchers")
     @classmethod

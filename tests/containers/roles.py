@@ -38,6 +38,8 @@ def _dispatcher(site: Site, index: int) -> dict[str, str]:
         "SLUICEGATE_DISPATCHER_ID": f"{site.prefix}-d{index}",
         "SLUICEGATE_DISPATCHER_LISTEN": site.listen[index],
         "SLUICEGATE_DISPATCHER_DRAIN_GRACE": "2s",
+        # The test's own network, plaintext: said explicitly, as a dispatcher beyond loopback requires.
+        "SLUICEGATE_DISPATCHER_INSECURE": "true",
     }
 
 

@@ -43,7 +43,30 @@ SLUICEGATE_ENV = {
     "SLUICEGATE_SCHEDULER_MAX_DISPATCH_ATTEMPTS",
     "SLUICEGATE_STORE_URL",
     "SLUICEGATE_RECORDER_RETENTION",
+    "SLUICEGATE_TRUSTED_PUBLISHERS",
+    "SLUICEGATE_BROKER_TLS_CA",
+    "SLUICEGATE_DISPATCHER_INSECURE",
+    "SLUICEGATE_DISPATCHER_TLS_CERT",
+    "SLUICEGATE_DISPATCHER_TLS_KEY",
+    "SLUICEGATE_DISPATCHER_TLS_CLIENT_CA",
+    "SLUICEGATE_DISPATCHER_AUTH_KEYS",
+    "SLUICEGATE_WORKER_TOKEN_FILE",
+    "SLUICEGATE_WORKER_TLS_CA",
+    "SLUICEGATE_WORKER_TLS_SERVER_NAME",
 }
+# The broker user each role connects as (deploy/rabbitmq/definitions.json), and the users whose
+# state and result messages are believed.
+ROLE_BROKER_USERS = {
+    "scheduler": "sluicegate-scheduler",
+    "scheduler-p1": "sluicegate-scheduler",  # scheduler partition 1: the same broker user
+    "dispatcher": "sluicegate-dispatcher",
+    "recorder": "sluicegate-recorder",
+    "migrate": "sluicegate-recorder",
+    "submit": "sluicegate-client",
+    "demo": "sluicegate-client",
+}
+TRUSTED_PUBLISHERS = {"sluicegate-dispatcher", "sluicegate-scheduler"}
+DEFINITIONS = REPO_ROOT / "deploy" / "rabbitmq" / "definitions.json"
 BROKER_URL_ENV = {"RABBITMQ_URL", "SLUICEGATE_RABBITMQ_URL"}
 STORE_URL_ENV = {"SLUICEGATE_STORE_URL"}
 OTEL_ENV = {

@@ -162,13 +162,14 @@ def _merge(base: Any, patch: Any, *, builtin: bool, path: str, field: str = "") 
             raise UnsupportedKustomization(f"{path}: no known strategic-merge key for list field {field!r}")
         key = MERGE_KEYS[field]
         items: list[Any] = copy.deepcopy(base) if isinstance(base, list) else []
+        added: list[Any] = []  # kustomize puts the items a patch adds before the ones it had
         for item in patch:
             existing = next((i for i, cur in enumerate(items) if cur.get(key) == item.get(key)), None)
             if existing is None:
-                items.append(copy.deepcopy(item))
+                added.append(copy.deepcopy(item))
             else:
                 items[existing] = _merge(items[existing], item, builtin=builtin, path=f"{path}[{item.get(key)}]")
-        return items
+        return added + items
     return copy.deepcopy(patch)
 
 

@@ -161,7 +161,12 @@ def test_three_broker_nodes_form_one_cluster(compose: dict[str, Any], lib: Modul
         assert svc.get("hostname") == name, name
         mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
         conf = sorted(source for target, source in mounts.items() if target.startswith("/etc/rabbitmq/conf.d/"))
-        assert conf == ["./deploy/rabbitmq/cluster.conf", "./deploy/rabbitmq/rabbitmq.conf"], name
+        assert conf == [
+            "./deploy/rabbitmq/cluster.conf",
+            "./deploy/rabbitmq/definitions.conf",
+            "./deploy/rabbitmq/rabbitmq.conf",
+        ], name
+        assert mounts["/etc/rabbitmq/definitions.json"] == "./deploy/rabbitmq/definitions.json", name
         plugins = (lib.REPO_ROOT / mounts["/etc/rabbitmq/enabled_plugins"]).read_text(encoding="utf-8")
         assert "rabbitmq_prometheus" in plugins, "Prometheus scrapes the broker on 15692"
         data_volumes.add(mounts["/var/lib/rabbitmq"])
@@ -172,6 +177,54 @@ def test_three_broker_nodes_form_one_cluster(compose: dict[str, Any], lib: Modul
     listed = {v for k, v in cluster_conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
     assert listed == {f"rabbit@{svc['hostname']}" for svc in nodes.values()}
     assert cluster_conf["cluster_partition_handling"] == "pause_minority"
+
+
+def test_every_role_connects_as_its_own_broker_user_and_trusts_only_the_services(
+    compose: dict[str, Any], lib: ModuleType
+) -> None:
+    import json
+    from urllib.parse import urlsplit
+
+    definitions = json.loads(lib.DEFINITIONS.read_text(encoding="utf-8"))
+    users = {u["name"] for u in definitions["users"]}
+    permitted = {p["user"] for p in definitions["permissions"]}
+    loaded = _rabbitmq_conf(lib.REPO_ROOT / "deploy" / "rabbitmq" / "definitions.conf")
+    assert loaded["load_definitions"] == "/etc/rabbitmq/definitions.json"
+    for name, svc in compose["services"].items():
+        env = _env(svc)
+        for var in lib.BROKER_URL_ENV & set(env):
+            expected = lib.ROLE_BROKER_USERS[_role(svc)]
+            assert {urlsplit(u.strip()).username for u in env[var].split(",")} == {expected}, name
+            assert expected in users, f"{expected} is not in definitions.json"
+            assert expected in permitted, f"{expected} has no permissions in definitions.json"
+            assert set(env["SLUICEGATE_TRUSTED_PUBLISHERS"].split(",")) == lib.TRUSTED_PUBLISHERS, name
+    client = {p["user"]: p for p in definitions["topic_permissions"]}["sluicegate-client"]
+    assert client == {"user": "sluicegate-client", "vhost": "/", "exchange": "sluicegate.events", "write": "^$",
+                      "read": "^result\\.[0-9a-f]{32}$"}  # fmt: skip
+
+
+def test_the_definitions_file_is_what_the_tool_writes_with_the_demo_passwords(lib: ModuleType) -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "broker_definitions", lib.REPO_ROOT / "scripts" / "broker_definitions.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    committed = json.loads(lib.DEFINITIONS.read_text(encoding="utf-8"))
+    demo = {u["name"]: (u["name"] if "administrator" in u["tags"] else f"{u['name']}-dev") for u in committed["users"]}
+    fresh = tool.definitions(demo)
+    assert {k: v for k, v in committed.items() if k != "users"} == {k: v for k, v in fresh.items() if k != "users"}
+    for user in committed["users"]:
+        assert tool.password_matches(demo[user["name"]], user["password_hash"]), user["name"]
+
+
+def test_dispatchers_say_they_run_without_tls_in_the_demo(compose: dict[str, Any]) -> None:
+    for name, svc in _services_with_role(compose, "dispatcher").items():
+        assert _env(svc)["SLUICEGATE_DISPATCHER_INSECURE"] == "true", f"{name} listens beyond loopback"
 
 
 def test_rabbitmq_conf_allows_long_leases(lib: ModuleType) -> None:

@@ -198,7 +198,8 @@ def test_broker_url_comes_only_from_the_secret(render_kustomization: Render, lib
         url_vars = lib.BROKER_URL_ENV & set(env)
         if name in BROKER_ROLES:
             (var,) = url_vars
-            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "url"}, name
+            role = lib.ROLE_BROKER_USERS[name.removeprefix("sluicegate-")].removeprefix("sluicegate-")
+            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": f"url-{role}"}, name
         else:
             assert not url_vars, f"{name} needs no broker credentials"
 
@@ -270,6 +271,37 @@ def test_dev_secret_serves_both_the_broker_and_the_clients(render_kustomization:
     assert conf == {"default_user": user, "default_pass": password}
 
 
+def test_dev_broker_users_are_the_definitions_users(render_kustomization: Render, lib: ModuleType) -> None:
+    """Each role's URL names its own user, whose password is the one the imported definitions hash."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "broker_definitions", lib.REPO_ROOT / "scripts" / "broker_definitions.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    secrets = _by_kind(_objects(render_kustomization, lib, "overlays/dev"), "Secret")
+    data = secrets[SECRET_NAME]["stringData"]
+    definitions = json.loads(secrets["sluicegate-rabbitmq-definitions"]["stringData"]["definitions.json"])
+    hashes = {u["name"]: u["password_hash"] for u in definitions["users"]}
+    for role in ("scheduler", "dispatcher", "recorder", "client"):
+        match = re.fullmatch(r"amqp://([^:]+):([^@]+)@([\w.-]+):(\d+)/", data[f"url-{role}"])
+        assert match, role
+        user, password = match.group(1), match.group(2)
+        assert user == f"sluicegate-{role}"
+        assert tool.password_matches(password, hashes[user]), f"{role}: the URL's password is not the imported one"
+    # Definitions imported at boot replace the default user: the operator's must be among them.
+    assert tool.password_matches(data["password"], hashes[data["username"]])
+    assert "administrator" in {u["name"]: u for u in definitions["users"]}[data["username"]]["tags"]
+    # The same grants as compose's broker.
+    compose = json.loads(lib.DEFINITIONS.read_text(encoding="utf-8"))
+    assert definitions["permissions"][1:] == compose["permissions"][1:]
+    assert definitions["topic_permissions"] == compose["topic_permissions"]
+
+
 def test_production_commits_no_credentials(render_kustomization: Render, lib: ModuleType) -> None:
     # Neither the broker's nor the store's Secret: both are created out of band.
     assert not _by_kind(_objects(render_kustomization, lib, "overlays/production"), "Secret")
@@ -288,6 +320,13 @@ def test_rabbitmq_cluster(render_kustomization: Render, lib: ModuleType, overlay
     )
     compose_conf = (lib.REPO_ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text(encoding="utf-8")
     assert f"consumer_timeout = {k8s_conf['consumer_timeout']}" in compose_conf
+    # The broker's users come from the definitions Secret, imported at boot.
+    pod = spec["override"]["statefulSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["definitions"]
+    assert k8s_conf["load_definitions"] == f"{mount}/definitions.json"
+    volume = {v["name"]: v for v in pod["volumes"]}["definitions"]
+    assert volume["secret"]["secretName"] == "sluicegate-rabbitmq-definitions"
 
 
 def test_every_broker_node_is_an_address_of_the_services(render_kustomization: Render, lib: ModuleType) -> None:
@@ -315,9 +354,10 @@ def test_dispatcher_probes_and_shutdown(render_kustomization: Render, lib: Modul
     assert env["SLUICEGATE_DISPATCHER_LISTEN"]["value"] == "0.0.0.0:50051"
     assert env["SLUICEGATE_DISPATCHER_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
+    # The metrics port answers probes: the kubelet's gRPC probe cannot speak TLS to the gRPC port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051, probe
-    assert container["readinessProbe"]["grpc"].get("service") == "sluicegate.v1.WorkerService"
+        assert container[probe]["httpGet"]["port"] == "metrics", probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
     # preStop, then the drain, must end before the kubelet's SIGKILL.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -464,3 +504,33 @@ def test_readme_commands_name_real_overlays(lib: ModuleType) -> None:
         if "kubectl apply -k" in line:
             path = shlex.split(line.strip().lstrip("$ "))[-1]
             assert (lib.REPO_ROOT / path / "kustomization.yaml").is_file(), line
+
+
+def test_production_dispatchers_speak_tls_and_want_tokens_and_dev_says_it_does_not(
+    render_kustomization: Render, lib: ModuleType
+) -> None:
+    objects = _objects(render_kustomization, lib, "overlays/production")
+    workloads = _workloads(objects)
+    dispatcher = _one_container(workloads["sluicegate-dispatcher"])
+    env = {k: v.get("value") for k, v in lib.container_env(dispatcher).items()}
+    mounts = {m["name"]: m["mountPath"] for m in dispatcher["volumeMounts"]}
+    volumes = {v["name"]: v for v in workloads["sluicegate-dispatcher"]["spec"]["template"]["spec"]["volumes"]}
+    assert env["SLUICEGATE_DISPATCHER_TLS_CERT"] == f"{mounts['tls']}/tls.crt"
+    assert env["SLUICEGATE_DISPATCHER_TLS_KEY"] == f"{mounts['tls']}/tls.key"
+    assert env["SLUICEGATE_DISPATCHER_AUTH_KEYS"] == f"{mounts['auth-keys']}/keys.json"
+    assert volumes["tls"]["secret"]["secretName"] == "sluicegate-dispatcher-tls"
+    assert volumes["auth-keys"]["secret"]["secretName"] == "sluicegate-auth-keys"
+    assert "SLUICEGATE_DISPATCHER_INSECURE" not in _by_kind(objects, "ConfigMap")["sluicegate-config"]["data"]
+
+    worker = _one_container(workloads["sluicegate-worker"])
+    env = {k: v.get("value") for k, v in lib.container_env(worker).items()}
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    volumes = {v["name"]: v for v in workloads["sluicegate-worker"]["spec"]["template"]["spec"]["volumes"]}
+    assert env["SLUICEGATE_WORKER_TOKEN_FILE"] == f"{mounts['token']}/token"
+    assert env["SLUICEGATE_WORKER_TLS_CA"] == f"{mounts['dispatcher-ca']}/ca.crt"
+    assert volumes["token"]["secret"]["secretName"] == "sluicegate-worker-token"
+    # Workers get the dispatchers' CA, never their private key.
+    assert volumes["dispatcher-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+    dev = _by_kind(_objects(render_kustomization, lib, "overlays/dev"), "ConfigMap")["sluicegate-config"]["data"]
+    assert dev["SLUICEGATE_DISPATCHER_INSECURE"] == "true"

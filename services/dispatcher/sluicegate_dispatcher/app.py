@@ -21,6 +21,7 @@ from sluicegate.settings import BrokerSettings
 from sluicegate.setup_checks import check_listen
 from sluicegate.v1 import worker_pb2, worker_pb2_grpc
 from sluicegate.wire import grpc_options
+from sluicegate_dispatcher import guard
 from sluicegate_dispatcher.forwarding import Forwarder
 from sluicegate_dispatcher.housekeeping import Reaper, StatePublisher
 from sluicegate_dispatcher.metrics import DispatcherMetrics
@@ -115,6 +116,7 @@ class Dispatcher:
             heartbeat=s.state_heartbeat.total_seconds(),
             clock=clock,
             draining=lambda: self.draining,
+            user_id=broker.user,
         )
         self.servicer = WorkerServicer(
             settings=EdgeSettings(
@@ -129,6 +131,7 @@ class Dispatcher:
             forwarder=self.forwarder,
             clock=clock,
             draining=lambda: self.draining,
+            refused=self.stats.refused,
         )
         self.port = 0
         self.draining = False
@@ -168,8 +171,12 @@ class Dispatcher:
             raise RuntimeError(f"dispatcher is {self._state}")
         self._state = "starting"
         s = self.settings
+        check_listen(s.listen, "the gRPC address")  # a bad or taken address is said first
+        guard.check_exposure(s)  # then whether it may be reached from beyond this machine
+        credentials = guard.server_credentials(s)
+        checker = guard.interceptor(s, self.stats.refused)
         self._server = grpc.aio.server(
-            interceptors=telemetry.grpc_server_interceptors(),
+            interceptors=[*telemetry.grpc_server_interceptors(), *([checker] if checker else [])],
             options=grpc_options(
                 keepalive_s=s.keepalive_time.total_seconds(),
                 keepalive_timeout_s=s.keepalive_timeout.total_seconds(),
@@ -179,7 +186,7 @@ class Dispatcher:
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = bind(self._server, s.listen)  # before the broker: a taken port is a setup error
+        self.port = bind(self._server, s.listen, credentials)  # before the broker: a taken port is a setup error
         self._connection = await amqp.connect_broker(self.broker)
         publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._exchanges.declare(publish_channel)
@@ -202,7 +209,8 @@ class Dispatcher:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "running"
-        log.info("dispatcher %s listening on port %d", self.id, self.port)
+        security = ("TLS" if s.tls else "plaintext") + (", credentials required" if s.authenticated else "")
+        log.info("dispatcher %s listening on port %d (%s)", self.id, self.port, security)
 
     async def _supervise(self) -> None:
         """One TaskGroup for the process's loops and settlements: a crash is logged and fails readiness."""
@@ -286,11 +294,11 @@ class Dispatcher:
         stream.end("dispatcher stopping")
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
+def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Bind the gRPC port (never shared: reuse-port is off); a taken or bad address is one clear error."""
     check_listen(listen, "the gRPC address")  # first, so grpc's own error lines are never reached
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError as err:
         raise InvalidInput(f"cannot listen on {listen}: the address is taken or invalid") from err
     if port == 0:

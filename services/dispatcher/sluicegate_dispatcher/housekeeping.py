@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 from aio_pika.abc import AbstractExchange
@@ -85,11 +86,14 @@ class StatePublisher:
         heartbeat: float,
         clock: Callable[[], float],
         draining: Callable[[], bool],
+        user_id: str | None = None,
     ) -> None:
         self.sessions, self.dispatcher_id, self.topology = sessions, dispatcher_id, topology
+        self.user_id = user_id
         self.confirm_timeout, self.heartbeat, self.clock, self.draining = confirm_timeout, heartbeat, clock, draining
         # Starts from the clock so that a restarted dispatcher keeping its id is not taken for stale.
         self.seq = now_ms() * 1000
+        self.epoch = uuid.uuid4().hex  # a seq counts only within one run (a forged one cannot outlast it)
         self._changed = asyncio.Event()
         self._full_at = float("-inf")
         self._was_draining = False
@@ -122,7 +126,12 @@ class StatePublisher:
         draining = self.draining()
         self.seq += 1
         state = messages_pb2.DispatcherState(
-            dispatcher_id=self.dispatcher_id, seq=self.seq, at_ms=now_ms(), draining=draining, delta=not full
+            dispatcher_id=self.dispatcher_id,
+            seq=self.seq,
+            at_ms=now_ms(),
+            draining=draining,
+            delta=not full,
+            epoch=self.epoch,
         )
         # Sessions remember monotonic times; the state carries wall-clock ones.
         wall_offset = now_ms() - int(self.clock() * 1000)
@@ -144,6 +153,7 @@ class StatePublisher:
             mandatory=False,
             persistent=False,
             timeout=self.confirm_timeout,
+            user_id=self.user_id,  # what the scheduler checks the publisher by
         )
         self.published += 1
 

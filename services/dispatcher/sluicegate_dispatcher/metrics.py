@@ -88,4 +88,10 @@ class DispatcherMetrics:
         yield counter("sluicegate_stale_reports", "Reports rejected for attempts no longer held.", stats.stale_reports)
         yield counter("sluicegate_streams_ended", "Streams ended because their worker stalled.", stats.streams_ended)
         yield counter("sluicegate_results_unclaimed", "Results whose client had gone.", stats.results_unclaimed)
+        yield labelled_counter(
+            "sluicegate_calls_refused",
+            "gRPC calls refused for their credentials, by code (unauthenticated, permission_denied).",
+            "code",
+            {code: stats.refused[code] for code in ("unauthenticated", "permission_denied")},
+        )
         yield from self._emitter.metrics()

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -13,7 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from sluicegate.errors import InvalidInput, SluicegateError, UnknownSession
+from sluicegate import auth
+from sluicegate.errors import InvalidInput, PermissionDenied, SluicegateError, Unauthenticated, UnknownSession
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.validation import MAX_SLOTS, check_action, check_action_options, check_labels, check_tenant
@@ -40,6 +43,10 @@ def _status_for(err: SluicegateError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(err, UnknownSession):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(err, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if err.retryable:
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.FAILED_PRECONDITION
@@ -91,10 +98,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         forwarder: Forwarder,
         clock: Callable[[], float],
         draining: Callable[[], bool],
+        refused: Counter[str] | None = None,
     ) -> None:
         self.settings, self.sessions, self.settler, self.reports = settings, sessions, settler, reports
         self.forwarder, self.clock, self.draining = forwarder, clock, draining
+        self.refused = refused if refused is not None else Counter()  # calls denied here, by code
         self._stalls: set[asyncio.Task[None]] = set()
+        self.owners = auth.Owners()  # worker id -> the principal that registered it (with credentials on)
 
     @edge
     async def Register(
@@ -106,6 +116,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidInput("worker_id must hold 1 to 128 letters, digits or _ . : -")
         tenant = request.tenant or "default"
         check_tenant(tenant)
+        principal = auth.current.get()
         if not request.actions:
             raise InvalidInput("a worker must serve at least one action")
         if len(request.actions) > MAX_ACTIONS:
@@ -119,8 +130,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if action not in request.actions:
                 raise InvalidInput(f"action_options names {action[:128]!r}, which the worker does not serve")
             check_action_options(action, options)
+        worker_id = request.worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        try:
+            auth.check_tenant(principal, tenant)
+            self.owners.claim(worker_id, principal)  # before anything changes: an impostor replaces nothing
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         session, previous = self.sessions.register(
-            worker_id=request.worker_id,
+            worker_id=worker_id,
             tenant=tenant,
             actions=frozenset(request.actions),
             labels=dict(request.labels),
@@ -152,6 +170,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if first is EOF:
             raise InvalidInput("a session stream starts with a message naming the session")
         session = self.sessions.session(first.worker_id, first.session_id)
+        try:
+            self.owners.check(session.worker_id, auth.current.get())  # a leaked session id is not enough
+        except PermissionDenied:
+            self.refused["permission_denied"] += 1
+            raise
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is draining; register elsewhere")
         stream = WorkerStream(

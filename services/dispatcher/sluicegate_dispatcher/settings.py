@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
@@ -88,6 +89,37 @@ class DispatcherSettings(BaseSettings):
         default=timedelta(seconds=10), description="How long a stopping dispatcher waits for running tasks."
     )
     send_lock_permits: int = Field(default=1, ge=1, le=64, description="Concurrent writes allowed per stream.")
+    tls_cert: Path | None = Field(default=None, description="PEM certificate (chain) the gRPC server presents.")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        default=None, description="CA bundle client certificates are verified against; a verified one names a worker."
+    )
+    tls_require_client_cert: bool = Field(default=False, description="Refuse TLS clients without a certificate.")
+    auth_keys: Path | None = Field(
+        default=None, description="JSON key set tokens are verified with; read again when the file changes."
+    )
+    insecure: bool = Field(
+        default=False, description="Allow listening beyond loopback without TLS and credentials (never in production)."
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether every call must present credentials (a token or a verified client certificate)."""
+        return self.auth_keys is not None or self.tls_client_ca is not None
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> DispatcherSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SLUICEGATE_DISPATCHER_TLS_CERT and SLUICEGATE_DISPATCHER_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("SLUICEGATE_DISPATCHER_TLS_CLIENT_CA needs SLUICEGATE_DISPATCHER_TLS_CERT and _KEY")
+        if self.tls_require_client_cert and self.tls_client_ca is None:
+            raise ValueError("SLUICEGATE_DISPATCHER_TLS_REQUIRE_CLIENT_CERT needs SLUICEGATE_DISPATCHER_TLS_CLIENT_CA")
+        return self
 
     @model_validator(mode="after")
     def _inbox_outlives_its_messages(self) -> DispatcherSettings:

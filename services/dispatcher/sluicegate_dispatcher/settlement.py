@@ -348,6 +348,7 @@ class Settler:
                     self.topology.result_key(reply_to),
                     body,
                     timeout=self.broker.confirm_timeout_s,
+                    user_id=self.broker.user,  # what a client checks a result's publisher by
                 )
                 return
             except Unroutable:

@@ -21,3 +21,4 @@ class DispatcherStats:
     results_unclaimed: int = 0
     cancelled: int = 0
     timed_out: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # calls refused: unauthenticated, permission_denied

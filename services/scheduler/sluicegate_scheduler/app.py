@@ -92,6 +92,7 @@ class Scheduler:
         self.core.on_event = self.lifecycle.emit
         self.core.recording = lambda: self.lifecycle.wanted
         self.pool = self.core.pool
+        self.untrusted = 0  # worker-state messages dropped: not from a trusted broker user
         self.stats = self.core.stats
         self.clock = clock
         self.metrics = SchedulerMetrics(self)
@@ -157,7 +158,12 @@ class Scheduler:
 
     async def _connect(self, deadline: float) -> AbstractConnection:
         """A connection to one of the broker's addresses (another one each session: failover)."""
-        return await amqp.connect_plain(self.broker.urls, deadline=deadline, heartbeat=self.settings.heartbeat)
+        return await amqp.connect_plain(
+            self.broker.urls,
+            deadline=deadline,
+            heartbeat=self.settings.heartbeat,
+            ssl_context=self.broker.ssl_context(),
+        )
 
     async def _supervise(self, connection: AbstractConnection) -> None:
         """One TaskGroup for the process's loops: a crash is logged and fails readiness."""
@@ -270,6 +276,11 @@ class Scheduler:
                 await amqp.publish(channel.default_exchange, self.topology.leader, self.instance_id.encode())
 
     async def _on_state(self, message: AbstractIncomingMessage) -> None:
+        if not amqp.trusted(message, self.broker.trusted):
+            self.untrusted += 1
+            if self.untrusted & (self.untrusted - 1) == 0:  # 1, 2, 4, 8...: never a flood of lines
+                log.warning("ignored %d worker-state message(s) from untrusted broker users", self.untrusted)
+            return
         try:
             state = messages_pb2.DispatcherState.FromString(message.body)
         except DecodeError:
@@ -301,6 +312,7 @@ class Scheduler:
             keys,
             delta=state.delta,
             gone=state.gone,
+            epoch=state.epoch,
         )
         if applied:
             self._wake.set()

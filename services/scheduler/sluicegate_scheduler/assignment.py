@@ -75,6 +75,12 @@ class WorkerReport:
     prefetch: int = 0  # of free_slots, how many only queue at the dispatcher
 
 
+# A full snapshot further ahead than this of the last one applied (same instance) is not believed:
+# a dispatcher publishes a few thousand a second at most, and one forged seq near 2^64 would
+# otherwise make every later honest one look old.
+MAX_SEQ_JUMP = 10_000_000
+
+
 def received_of(total: int, by_partition: Sequence[int], partition: int) -> int:
     """What a dispatcher consumed for a session from one partition (`total` is all partition 0's until split)."""
     if not by_partition:
@@ -87,6 +93,7 @@ class _DispatcherView:
     seq: int
     seen_at: float
     draining: bool
+    epoch: str = ""
     workers: dict[str, WorkerView] = field(default_factory=dict)
     key_leases: Counter[KeyScope] = field(default_factory=Counter)
 
@@ -122,14 +129,25 @@ class WorkerPool:
         *,
         delta: bool = False,
         gone: Iterable[str] = (),
+        epoch: str = "",
     ) -> bool:
         """Apply a snapshot (or a delta: the workers that changed, and the sessions gone); returns True if applied.
 
-        An older message (by seq) is ignored; so is a delta that does not follow the last message
-        applied, until the next full snapshot. Workers are updated in place, so a change of free
-        slots costs nothing beyond the worker itself.
+        A seq counts only within its epoch (one dispatcher process's run). An older message (by seq)
+        is ignored; so is a delta that does not follow the last message applied, until the next full
+        snapshot, and a full snapshot whose seq jumps more than MAX_SEQ_JUMP ahead. A full snapshot
+        of another epoch replaces the view whatever its seq, so no seq, however large, locks a
+        dispatcher out for longer than its next full snapshot. Workers are updated in place, so a
+        change of free slots costs nothing beyond the worker itself.
         """
         view = self._dispatchers.get(dispatcher_id)
+        if view is not None and epoch != view.epoch:
+            if delta:
+                return False  # of another instance than the view: wait for its full snapshot
+            self.forget(dispatcher_id)
+            view = None
+        if view is not None and not delta and seq - view.seq > MAX_SEQ_JUMP:
+            return False
         if view is not None and seq <= view.seq and seq != 0:
             view.seen_at = now
             return False
@@ -138,7 +156,9 @@ class WorkerPool:
                 view.seen_at = now  # alive, though this delta cannot be applied
             return False
         if view is None:
-            view = self._dispatchers[dispatcher_id] = _DispatcherView(seq=seq, seen_at=now, draining=draining)
+            view = self._dispatchers[dispatcher_id] = _DispatcherView(
+                seq=seq, epoch=epoch, seen_at=now, draining=draining
+            )
         view.seq, view.seen_at, view.draining = seq, now, draining
         self._key_leases.subtract(view.key_leases)
         view.key_leases = Counter(dict(key_leases))

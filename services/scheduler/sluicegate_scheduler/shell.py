@@ -322,7 +322,9 @@ class Session:
         elif kind == Kind.DEAD:
             await amqp.publish(self._exchanges.dead, "", body, headers={amqp.REASON_HEADER: name}, timeout=timeout)
         elif kind == Kind.RESULT:
-            await amqp.publish(self._exchanges.events, self.topology.result_key(name), body, timeout=timeout)
+            await amqp.publish(
+                self._exchanges.events, self.topology.result_key(name), body, timeout=timeout, user_id=self.broker.user
+            )
 
     # Lanes: declared before the first park, read while someone serves them, deleted when idle.
 

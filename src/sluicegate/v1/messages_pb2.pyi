@@ -905,11 +905,14 @@ class DispatcherState(_message.Message):
     KEY_LEASES_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     GONE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     dispatcher_id: _builtins.str
     seq: _builtins.int
     at_ms: _builtins.int
     draining: _builtins.bool
     delta: _builtins.bool
+    epoch: _builtins.str
+    """this dispatcher process's run: a seq counts only within one"""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerState]: ...
     @_builtins.property
@@ -931,10 +934,11 @@ class DispatcherState(_message.Message):
         key_leases: _abc.Iterable[Global___KeyLeases] | None = ...,
         delta: _builtins.bool = ...,
         gone: _abc.Iterable[_builtins.str] | None = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "delta", b"delta", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "gone", b"gone", "key_leases", b"key_leases", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "delta", b"delta", "dispatcher_id", b"dispatcher_id", "draining", b"draining", "epoch", b"epoch", "gone", b"gone", "key_leases", b"key_leases", "seq", b"seq", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
