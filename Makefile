@@ -2,7 +2,7 @@
 PYTHON ?= .venv/bin/python
 LINTED := src services tests scripts deploy bench
 
-.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench chaos clean \
+.PHONY: venv proto proto-check lint typecheck test test-unit test-integration demo bench bench-partitions chaos clean \
 	docker-engine docker-images image-test compose-test test-containers test-containers-all docker-stop docker-clean
 BENCH_ARGS ?= --wait-quiet 300 --record
 
@@ -90,6 +90,12 @@ docker-clean:
 
 bench: venv .venv/.bench-installed
 	$(PYTHON) -m bench $(BENCH_ARGS)
+
+# Scheduling throughput with P = 1, 2, 4 scheduler partitions, the scheduler made the bottleneck by a
+# fixed synthetic cost per placement (BENCHMARKS.md, "Scheduler partitions").
+BENCH_PARTITIONS_ARGS ?= --partitions 1,2,4 --tasks 3000 --cost 2ms --mode cpu --repeat 3
+bench-partitions: venv
+	$(PYTHON) scripts/partition_bench.py $(BENCH_PARTITIONS_ARGS)
 
 .venv/.bench-installed: pyproject.toml
 	.venv/bin/pip install --quiet -e '.[bench]'

@@ -13,9 +13,10 @@ What each role may do, under the prefix (default `sluicegate`):
 - scheduler, dispatcher: everything under the prefix (their queues and exchanges); a dispatcher
   publishes to `<prefix>.events` only state, result and lifecycle messages;
 - recorder (and `sluicegate migrate`): the lifecycle queue, bound to `<prefix>.events`;
-- client: declare the exchanges and the tasks queue it needs, publish tasks and cancellations,
-  declare, bind and read its own results queue (`<prefix>.results.<32 hex>`); on `<prefix>.events`
-  it may bind only `result.<32 hex>` and publish nothing.
+- client: declare the exchanges and the tasks queue it needs (each scheduler partition's), publish
+  tasks and cancellations, declare, bind and read its own results queue
+  (`<prefix>.results.<32 hex>`); on `<prefix>.events` it may bind only `result.<32 hex>` and
+  publish nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 CLIENT_ID = r"[0-9a-f]{32}"
+PART = r"(p[0-9]+\.)?"  # a scheduler partition's own names (none for partition 0)
 ROLE_USERS = ("scheduler", "dispatcher", "recorder", "client")
 
 
@@ -58,10 +60,11 @@ def permissions(prefix: str) -> dict[str, tuple[str, str, str]]:
         user_of("scheduler"): everything,
         user_of("dispatcher"): everything,
         user_of("recorder"): (rf"^{p}\.(events|lifecycle)$", rf"^{p}\.lifecycle$", rf"^{p}\.(events|lifecycle)$"),
+        # A scheduler partition N > 0 has its own tasks, tasks.unrouted and requeue under <prefix>.pN.
         user_of("client"): (
-            rf"^{p}\.(tasks|tasks\.unrouted|assign|requeue|events|dead|control|cancels|results\.{CLIENT_ID})$",
-            rf"^({p}\.(tasks|cancels|results\.{CLIENT_ID})|amq\.default)$",
-            rf"^{p}\.(tasks\.unrouted|events|results\.{CLIENT_ID})$",
+            rf"^{p}\.({PART}(tasks|tasks\.unrouted|requeue)|assign|events|dead|control|cancels|results\.{CLIENT_ID})$",
+            rf"^({p}\.({PART}tasks|cancels|results\.{CLIENT_ID})|amq\.default)$",
+            rf"^{p}\.({PART}tasks\.unrouted|events|results\.{CLIENT_ID})$",
         ),
     }
 

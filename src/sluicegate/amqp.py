@@ -9,6 +9,7 @@ import random
 import ssl
 import uuid
 import weakref
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,46 +61,71 @@ class Delivery:
         return before > 0 and self.pending <= 0
 
 
+def partition_of(tenant: str, partitions: int, key: str = "") -> int:
+    """The scheduler partition of a task: a stable hash (CRC-32) of its tenant, or of its partition key.
+
+    Every client computes the same answer, so without partition keys a tenant's tasks, lanes,
+    limits and fairness all live in one partition. A partition key spreads one tenant too big for
+    one scheduler over several (its workers are then shared between partitions).
+    """
+    return 0 if partitions <= 1 else zlib.crc32((f"key:{key}" if key else tenant).encode()) % partitions
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """Names of every exchange and queue, all under one prefix (DESIGN: RabbitMQ topology)."""
+    """Names of every exchange and queue, all under one prefix (DESIGN: RabbitMQ topology).
+
+    A scheduler partition other than 0 has its own copy of the scheduler's names (intakes, lanes,
+    delays, registry, lead, requeue) under `<prefix>.p<N>`; what dispatchers, clients and the
+    recorder share (assign, events, dead, control, cancels) keeps the plain prefix. Partition 0's
+    names are the plain ones, so one partition is exactly the topology without partitions.
+    """
 
     prefix: str
+    partition: int = 0
+
+    @property
+    def own(self) -> str:
+        """The prefix of this partition's own names."""
+        return self.prefix if self.partition == 0 else f"{self.prefix}.p{self.partition}"
+
+    def of_partition(self, partition: int) -> Topology:
+        return Topology(self.prefix, partition)
 
     @property
     def tasks(self) -> str:
         """The exchange clients submit to (routing key: tenant), and the intake of tenants without their own."""
-        return f"{self.prefix}.tasks"
+        return f"{self.own}.tasks"
 
     @property
     def unrouted(self) -> str:
         """Alternate exchange of `tasks`: a tenant with no intake of its own lands in the `tasks` queue."""
-        return f"{self.prefix}.tasks.unrouted"
+        return f"{self.own}.tasks.unrouted"
 
     def intake(self, tenant: str) -> str:
-        return f"{self.prefix}.intake.{tenant}"
+        return f"{self.own}.intake.{tenant}"
 
     @property
     def registry(self) -> str:
         """Where the scheduler records the lanes and intakes it created, to find them again after a restart."""
-        return f"{self.prefix}.scheduler.registry"
+        return f"{self.own}.scheduler.registry"
 
     @property
     def leader(self) -> str:
         """Single-active-consumer queue whose lock message marks the one scheduler that schedules."""
-        return f"{self.prefix}.scheduler.leader"
+        return f"{self.own}.scheduler.leader"
 
     @property
     def due(self) -> str:
         """Exchange and queue where delayed tasks arrive when their wait is over."""
-        return f"{self.prefix}.due"
+        return f"{self.own}.due"
 
     def delay(self, millis: int) -> str:
-        return f"{self.prefix}.delay.{millis}ms"
+        return f"{self.own}.delay.{millis}ms"
 
     @property
     def lane_prefix(self) -> str:
-        return f"{self.prefix}.lane."
+        return f"{self.own}.lane."
 
     @property
     def assign(self) -> str:
@@ -107,7 +133,7 @@ class Topology:
 
     @property
     def requeue(self) -> str:
-        return f"{self.prefix}.requeue"
+        return f"{self.own}.requeue"
 
     @property
     def events(self) -> str:
@@ -211,6 +237,7 @@ class Exchanges:
         self.events: AbstractExchange
         self.dead: AbstractExchange
         self.control: AbstractExchange
+        self.default: AbstractExchange  # the channel's default exchange: straight to a queue by its name
 
     async def declare(self, channel: AbstractChannel, *, service_queues: bool = True) -> Exchanges:
         """Declare the topology once; a robust channel is not told to declare it again after a reconnect.
@@ -221,6 +248,7 @@ class Exchanges:
         is back or declared down, which would hold up publishing through the channel.
         """
         t = self.topology
+        self.default = channel.default_exchange
         direct, fanout, topic = (
             aio_pika.ExchangeType.DIRECT,
             aio_pika.ExchangeType.FANOUT,
@@ -572,20 +600,26 @@ async def recorded_lanes(connection: AbstractRobustConnection, topology: Topolog
     return [records[name] for name in sorted(records)]
 
 
-async def delete_topology(connection: AbstractRobustConnection, topology: Topology, dispatcher_ids: list[str]) -> None:
-    """Delete every queue and exchange under the topology's prefix (tests and the demo clean up)."""
-    queues = await recorded_queues(connection, topology)
+async def delete_topology(
+    connection: AbstractRobustConnection, topology: Topology, dispatcher_ids: list[str], *, partitions: int = 1
+) -> None:
+    """Delete every queue and exchange under the topology's prefix, of every partition (tests and the demo clean up)."""
+    queues: list[str] = []
+    exchanges: list[str] = []
+    for part in (topology.of_partition(k) for k in range(partitions)):
+        queues += await recorded_queues(connection, part)
+        queues += [part.tasks, part.requeue, part.due, part.registry, part.leader]
+        queues += [part.delay(ms) for ms in DELAY_RUNGS_MS]
+        exchanges += [part.tasks, part.unrouted, part.requeue, part.due]
     channel = await connection.channel()
-    queues += [topology.tasks, topology.requeue, topology.dead, topology.due, topology.registry, topology.leader]
-    queues += [topology.lifecycle, topology.cancels, *(topology.delay(ms) for ms in DELAY_RUNGS_MS)]
+    queues += [topology.dead, topology.lifecycle, topology.cancels]
     queues += [topology.inbox(d) for d in dispatcher_ids] + [topology.control_queue(d) for d in dispatcher_ids]
     for name in queues:
         try:
             await channel.queue_delete(name)
         except aiormq.exceptions.AMQPError:
             channel = await connection.channel()  # a failed delete closes the channel
-    exchanges = (topology.tasks, topology.unrouted, topology.assign, topology.requeue, topology.events)
-    for name in (*exchanges, topology.dead, topology.control, topology.due):
+    for name in (*exchanges, topology.assign, topology.events, topology.dead, topology.control):
         try:
             await channel.exchange_delete(name)
         except aiormq.exceptions.AMQPError:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import sys
 import time
+import uuid
 from importlib import metadata
 from typing import Any
 
@@ -119,6 +120,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         raise InvalidInput(f"payload is not valid JSON ({err.msg} at position {err.pos})") from err
     if not 1 <= args.count <= 1_000_000:
         raise InvalidInput("--count must be between 1 and 1000000")
+    if args.spread and args.partition_key:
+        raise InvalidInput("--spread and --partition-key exclude each other")
     spec = dict(
         action=args.action,
         payload=payload,
@@ -134,7 +137,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     )
     async with Client(_broker(args)) as client:
         started = time.monotonic()
-        ids = await client.submit_many([TaskSpec(**spec) for _ in range(args.count)])
+        keys = [f"{uuid.uuid4().hex[:8]}-{i}" if args.spread else args.partition_key for i in range(args.count)]
+        ids = await client.submit_many([TaskSpec(**spec, partition_key=key) for key in keys])
         print(f"submitted {len(ids)} task(s) of {args.action!r}", file=sys.stderr)
         if args.no_wait:
             for task_id in ids:
@@ -240,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fairness-key", default="", help="share workers fairly across these keys (default: none)")
     p.add_argument("--concurrency-key", default="", help="key the scheduler's concurrency limits count (default: none)")
     p.add_argument("--sticky-key", default="", help="tasks with one key go to the same worker (default: none)")
+    p.add_argument(
+        "--partition-key", default="", help="pick the scheduler partition by this, not the tenant (default: none)"
+    )
+    p.add_argument("--spread", action="store_true", help="spread the tasks over every scheduler partition")
     p.add_argument(
         "--label", action="append", help="a label the worker must carry, key=value, repeatable (default: none)"
     )

@@ -59,8 +59,12 @@ async def gather(args: argparse.Namespace) -> dict[str, Any]:
         if not await _exists(connection, topology.events):
             raise InvalidInput(f"nothing runs under prefix {broker.prefix!r} (there is no exchange {topology.events})")
         views = await status.hear_dispatchers(connection, topology, listen)
-        lanes = {r.queue: r for r in await amqp.recorded_lanes(connection, topology)}
-        names = status.queue_names(topology, sorted(lanes), sorted(views))
+        lanes = {
+            r.queue: r
+            for k in range(broker.partitions)
+            for r in await amqp.recorded_lanes(connection, topology.of_partition(k))
+        }
+        names = status.queue_names(topology, sorted(lanes), sorted(views), broker.partitions)
         queues = await status.look_up_queues(connection, names, peek=not args.no_peek)
     counts, waiting = await _from_store()
     now = now_ms()
@@ -197,8 +201,12 @@ async def cmd_cleanup(args: argparse.Namespace) -> int:
             else {}
         )
         dispatchers = sorted(set(views) | set(args.dispatcher or []))
-        recorded = await amqp.recorded_queues(connection, topology)
-        names = status.queue_names(topology, recorded, dispatchers)
+        recorded = [
+            name
+            for k in range(broker.partitions)
+            for name in await amqp.recorded_queues(connection, topology.of_partition(k))
+        ]
+        names = status.queue_names(topology, recorded, dispatchers, broker.partitions)
         queues = await status.look_up_queues(connection, names, peek=False)
         busy = [q.name for q in queues if q.consumers]
         if (busy or views) and not args.force:
@@ -206,7 +214,7 @@ async def cmd_cleanup(args: argparse.Namespace) -> int:
             raise InvalidInput(
                 f"something still runs under {broker.prefix!r} ({running}): stop it first, or add --force"
             )
-        await amqp.delete_topology(connection, topology, dispatchers)
+        await amqp.delete_topology(connection, topology, dispatchers, partitions=broker.partitions)
     print(
         f"deleted every queue and exchange under {broker.prefix!r} that was found ({len(queues)} queue(s) existed;"
         f" lanes and intakes from the registry, inboxes of {len(dispatchers)} dispatcher(s))"

@@ -46,6 +46,8 @@ class TaskSpec:
     scheduler's limits cap running tasks per key. `sticky_key`: tasks with one key go to the same worker
     while it lives. `preferred`: soft affinity, {"label=value": weight}. `retry`: retries and their
     backoff (`max_retries` alone keeps the default backoff); unset, the worker's default for the action.
+    `partition_key`: with several scheduler partitions, which one schedules the task is a hash of this
+    key instead of the tenant (a tenant too big for one scheduler spreads over several).
     """
 
     action: str
@@ -64,6 +66,7 @@ class TaskSpec:
     sticky_key: str = ""
     preferred: Mapping[str, int] = field(default_factory=dict)
     retry: RetryPolicy | None = None
+    partition_key: str = ""
 
 
 def _seconds(value: Seconds | None, what: str) -> float:
@@ -137,6 +140,7 @@ class Client:
         self._waiters: dict[str, asyncio.Future[TaskResult]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._tasks: AbstractExchange | None = None
+        self._partition_tasks: list[AbstractExchange] = []
         self._default: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
         self._batcher = GroupCommit(self._publish_batch, max_items=100, max_bytes=BATCH_BYTES, size=_task_size)
@@ -155,6 +159,11 @@ class Client:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await amqp.Exchanges(self.topology).declare(channel, service_queues=False)
         self._tasks = exchanges.tasks
+        # With partitions, each has a `tasks` exchange of its own; a tenant's tasks go to its partition's.
+        self._partition_tasks = [self._tasks] + [
+            (await amqp.Exchanges(self.topology.of_partition(k)).declare(channel, service_queues=False)).tasks
+            for k in range(1, self.broker.partitions)
+        ]
         self._default = channel.default_exchange
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=1000)
@@ -195,6 +204,8 @@ class Client:
     def _build(self, spec: TaskSpec) -> tuple[messages_pb2.Task, Span]:
         if not 0 <= spec.timeout_s <= 7 * 24 * 3600:
             raise InvalidInput("timeout must be between 0 and 7 days")
+        if len(spec.partition_key) > 256:
+            raise InvalidInput("partition_key must be at most 256 characters")
         if (spec.max_retries is not None and spec.max_retries < 0) or spec.priority < 0:
             raise InvalidInput("priority and max_retries must not be negative")
         now = now_ms()
@@ -244,18 +255,28 @@ class Client:
         """
         if self._tasks is None:
             raise RuntimeError("client is not connected")
-        task, span = self._build(TaskSpec(action=action, payload=payload, **options))
+        spec = TaskSpec(action=action, payload=payload, **options)
+        task, span = self._build(spec)
         try:
-            await self._batcher.put(task.tenant, task)
+            await self._batcher.put(f"{self._partition(spec)}:{task.tenant}", task)
         finally:
             span.end()
         self._submitted.add(task.task_id)
         return task.task_id
 
-    async def _publish_batch(self, tenant: str, tasks: list[messages_pb2.Task]) -> None:
-        assert self._tasks is not None
+    def _partition(self, spec: TaskSpec) -> int:
+        return amqp.partition_of(spec.tenant, self.broker.partitions, spec.partition_key)
+
+    def _tasks_exchange(self, partition: int) -> AbstractExchange:
+        """The `tasks` exchange of a scheduler partition (partition 0's is the one without partitions)."""
+        if self._tasks is None:
+            raise RuntimeError("client is not connected")
+        return self._partition_tasks[partition] if partition else self._tasks
+
+    async def _publish_batch(self, destination: str, tasks: list[messages_pb2.Task]) -> None:
+        partition, _, tenant = destination.partition(":")
         await amqp.publish_until_confirmed(
-            self._tasks,
+            self._tasks_exchange(int(partition)),
             tenant,  # a tenant with an intake of its own is routed to it, others to the shared one
             messages_pb2.TaskBatch(tasks=tasks).SerializeToString(),
             timeout=self.broker.confirm_timeout_s,
@@ -265,21 +286,23 @@ class Client:
         """Submit several tasks, several per AMQP message; all are validated before any is sent."""
         if self._tasks is None:
             raise RuntimeError("client is not connected")
+        specs = list(specs)
         built = [self._build(spec) for spec in specs]
         tasks = [task for task, _ in built]
+        partitions = [self._partition(spec) for spec in specs]
         headers: dict[str, str] = {}
         propagate.inject(headers)  # the caller's context, if any, for the message as a whole
         try:
             await asyncio.gather(
                 *(
                     amqp.publish_until_confirmed(
-                        self._tasks,
+                        self._tasks_exchange(partition),
                         tenant,  # a tenant with an intake of its own is routed to it, others to the shared one
                         messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
                         headers=headers,
                         timeout=self.broker.confirm_timeout_s,
                     )
-                    for tenant, batch in _batches(tasks, batch_size)
+                    for (partition, tenant), batch in _batches(tasks, partitions, batch_size)
                 )
             )
         finally:
@@ -296,15 +319,17 @@ class Client:
         for task in built:
             task.reply_to = self.client_id
             check_task(task, self.max_payload)
+        # A task does not carry its partition key: a replay goes to its tenant's partition.
+        partitions = [amqp.partition_of(task.tenant, self.broker.partitions) for task in built]
         await asyncio.gather(
             *(
                 amqp.publish_until_confirmed(
-                    self._tasks,
+                    self._tasks_exchange(partition),
                     tenant,
                     messages_pb2.TaskBatch(tasks=batch).SerializeToString(),
                     timeout=self.broker.confirm_timeout_s,
                 )
-                for tenant, batch in _batches(built, batch_size)
+                for (partition, tenant), batch in _batches(built, partitions, batch_size)
             )
         )
         self._submitted.update(t.task_id for t in built)
@@ -424,15 +449,18 @@ class Client:
                 waiter.set_result(result)
 
 
-def _batches(tasks: list[messages_pb2.Task], most: int) -> list[tuple[str, list[messages_pb2.Task]]]:
-    """Consecutive tasks of one tenant, up to `most` and BATCH_BYTES a message: memory is bounded by bytes."""
-    batches: list[tuple[str, list[messages_pb2.Task]]] = []
+def _batches(
+    tasks: list[messages_pb2.Task], partitions: list[int], most: int
+) -> list[tuple[tuple[int, str], list[messages_pb2.Task]]]:
+    """Consecutive tasks of one tenant and partition, up to `most` and BATCH_BYTES a message (bounded by bytes)."""
+    batches: list[tuple[tuple[int, str], list[messages_pb2.Task]]] = []
     size = 0
-    for task in tasks:
+    for task, partition in zip(tasks, partitions, strict=True):
         task_size = task.ByteSize()
         last = batches[-1] if batches else None
-        if last is None or last[0] != task.tenant or len(last[1]) >= most or size + task_size > BATCH_BYTES:
-            batches.append((task.tenant, [task]))
+        where = (partition, task.tenant)
+        if last is None or last[0] != where or len(last[1]) >= most or size + task_size > BATCH_BYTES:
+            batches.append((where, [task]))
             size = task_size
         else:
             last[1].append(task)

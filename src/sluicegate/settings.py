@@ -67,6 +67,15 @@ class BrokerSettings(BaseSettings):
         pattern=NAME_PATTERN,
         description="Prefix of every exchange and queue name.",
     )
+    partitions: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Scheduler partitions: tasks of a tenant go to partition crc32(tenant) mod N, each scheduled by its"
+            " own leader. Every client and scheduler of one prefix must agree on it."
+        ),
+    )
     confirm_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a publish may wait for the broker's confirm."
     )

@@ -91,13 +91,18 @@ class QueueView:
     oldest_ms: int | None  # when the oldest ready message started waiting (unix ms), if known
 
 
-def queue_names(topology: amqp.Topology, recorded: list[str], dispatcher_ids: list[str]) -> list[tuple[str, str]]:
-    """Every queue worth showing, with its kind, in a stable order."""
+def queue_names(
+    topology: amqp.Topology, recorded: list[str], dispatcher_ids: list[str], partitions: int = 1
+) -> list[tuple[str, str]]:
+    """Every queue worth showing, with its kind, in a stable order (each scheduler partition's own, then the shared)."""
     t = topology
-    names = [(t.tasks, "tasks"), (t.requeue, "requeue"), (t.due, "due"), (t.dead, "dead"), (t.lifecycle, "lifecycle")]
+    parts = [t.of_partition(k) for k in range(partitions)]
+    names = [(name, kind) for p in parts for name, kind in ((p.tasks, "tasks"), (p.requeue, "requeue"), (p.due, "due"))]
+    names += [(t.dead, "dead"), (t.lifecycle, "lifecycle")]
+    intakes = tuple(f"{p.own}.intake." for p in parts)
     for name in recorded:
-        names.append((name, "intake" if name.startswith(f"{t.prefix}.intake.") else "lane"))
-    names += [(t.delay(ms), "delay") for ms in amqp.DELAY_RUNGS_MS]
+        names.append((name, "intake" if name.startswith(intakes) else "lane"))
+    names += [(p.delay(ms), "delay") for p in parts for ms in amqp.DELAY_RUNGS_MS]
     names += [(t.inbox(d), "inbox") for d in dispatcher_ids]
     return names
 

@@ -36,7 +36,7 @@ ROLES = {
 }
 # Prometheus jobs (deploy/prometheus/prometheus.yml), how many targets each has, and a metric only that role serves.
 JOBS = {
-    "sluicegate-scheduler": (2, "sluicegate_tasks_received_total"),
+    "sluicegate-scheduler": (4, "sluicegate_tasks_received_total"),  # two partitions, active and standby each
     "sluicegate-dispatcher": (2, "sluicegate_connected_workers"),
     "sluicegate-worker": (3, "sluicegate_worker_tasks_total"),
     "rabbitmq": (3, "rabbitmq_queues"),
@@ -123,6 +123,8 @@ def test_the_stack_comes_up_healthy(stack: Stack) -> None:
         "recorder",
         "scheduler-1",
         "scheduler-2",
+        "scheduler-3",
+        "scheduler-4",
         "dispatcher-1",
         "dispatcher-2",
         "worker",

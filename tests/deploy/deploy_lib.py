@@ -29,6 +29,8 @@ SLUICEGATE_ENV = {
     "RABBITMQ_URL",
     "SLUICEGATE_RABBITMQ_URL",
     "SLUICEGATE_PREFIX",
+    "SLUICEGATE_PARTITIONS",
+    "SLUICEGATE_SCHEDULER_PARTITION",
     "SLUICEGATE_LOG_LEVEL",
     "SLUICEGATE_LOG_JSON",
     "SLUICEGATE_METRICS_PORT",
@@ -56,6 +58,7 @@ SLUICEGATE_ENV = {
 # state and result messages are believed.
 ROLE_BROKER_USERS = {
     "scheduler": "sluicegate-scheduler",
+    "scheduler-p1": "sluicegate-scheduler",  # scheduler partition 1: the same broker user
     "dispatcher": "sluicegate-dispatcher",
     "recorder": "sluicegate-recorder",
     "migrate": "sluicegate-recorder",

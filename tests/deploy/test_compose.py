@@ -270,7 +270,7 @@ def test_sluicegate_services_share_one_image_built_here(compose: dict[str, Any])
 
 
 def test_topology_of_the_demo(compose: dict[str, Any]) -> None:
-    assert len(_services_with_role(compose, "scheduler")) == 2, "active and standby scheduler"
+    assert len(_services_with_role(compose, "scheduler")) == 4, "two partitions, each active and standby"
     assert len(_services_with_role(compose, "dispatcher")) == 2
     assert sum(_replicas(s) for s in _services_with_role(compose, "worker").values()) == 3
     producers = _services_with_role(compose, "submit")
@@ -278,6 +278,22 @@ def test_topology_of_the_demo(compose: dict[str, Any]) -> None:
     (producer,) = producers.values()
     assert 'sluicegate submit echo \'{"hello":"world"}\' --count' in " ".join(producer["command"])
     assert producer["healthcheck"] == {"disable": True}, "submit serves no /healthz"
+
+
+def test_every_scheduler_partition_has_an_active_and_a_standby_and_everyone_agrees_on_the_count(
+    compose: dict[str, Any],
+) -> None:
+    # Every process that speaks AMQP is told the same partition count (workers speak only gRPC).
+    for name, svc in compose["services"].items():
+        if _role(svc) and "SLUICEGATE_RABBITMQ_URL" in _env(svc):
+            assert _env(svc).get("SLUICEGATE_PARTITIONS") == "2", name
+    per_partition: dict[int, list[str]] = {}
+    for name, svc in _services_with_role(compose, "scheduler").items():
+        per_partition.setdefault(int(_env(svc)["SLUICEGATE_SCHEDULER_PARTITION"]), []).append(name)
+    assert sorted(per_partition) == [0, 1], "one set of schedulers per partition, numbered below the count"
+    assert all(len(names) == 2 for names in per_partition.values()), per_partition
+    producer = " ".join(next(iter(_services_with_role(compose, "submit").values()))["command"])
+    assert "--spread" in producer, "the producer's tasks reach both partitions"
 
 
 def test_dispatchers_listen_everywhere_with_distinct_ids_and_drain_in_time(

@@ -29,9 +29,10 @@ EXPECTED_IMAGES = {"overlays/dev": "sluicegate:dev", "overlays/production": "reg
 BROKER_NODES = {"overlays/dev": 1, "overlays/production": 3}
 SECRET_NAME = "sluicegate-rabbitmq"
 STORE_SECRET_NAME = "sluicegate-store"
-SLUICEGATE_DEPLOYMENTS = {"sluicegate-scheduler", "sluicegate-dispatcher", "sluicegate-worker", "sluicegate-recorder"}
+SCHEDULER_PARTITIONS = {"sluicegate-scheduler": 0, "sluicegate-scheduler-p1": 1}  # Deployment -> partition
+SLUICEGATE_DEPLOYMENTS = {*SCHEDULER_PARTITIONS, "sluicegate-dispatcher", "sluicegate-worker", "sluicegate-recorder"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
-BROKER_ROLES = {"sluicegate-scheduler", "sluicegate-dispatcher", "sluicegate-recorder", "sluicegate-migrate"}
+BROKER_ROLES = {*SCHEDULER_PARTITIONS, "sluicegate-dispatcher", "sluicegate-recorder", "sluicegate-migrate"}
 STORE_ROLES = {"sluicegate-recorder", "sluicegate-migrate"}
 
 Render = Callable[[Path], list[dict[str, Any]]]
@@ -373,7 +374,8 @@ def test_dispatcher_probes_and_shutdown(render_kustomization: Render, lib: Modul
 def test_scaling_and_disruption_budgets(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:
     objects = _objects(render_kustomization, lib, overlay)
     deployments = _by_kind(objects, "Deployment")
-    assert deployments["sluicegate-scheduler"]["spec"]["replicas"] == 2, "active and standby"
+    for name in SCHEDULER_PARTITIONS:
+        assert deployments[name]["spec"]["replicas"] == 2, f"{name}: active and standby"
 
     dispatcher = deployments["sluicegate-dispatcher"]
     assert "replicas" not in dispatcher["spec"], "the HPA owns the dispatcher count"
@@ -397,6 +399,29 @@ def test_scaling_and_disruption_budgets(render_kustomization: Render, lib: Modul
         assert len(covering) == 1, f"{name}: expected one PodDisruptionBudget, found {len(covering)}"
         if "minAvailable" in covering[0]["spec"] and "replicas" in deployments[name]["spec"]:
             assert covering[0]["spec"]["minAvailable"] < deployments[name]["spec"]["replicas"], name
+
+
+def test_each_scheduler_partition_runs_active_and_standby_under_one_partition_count(
+    render_kustomization: Render, lib: ModuleType, overlay: str
+) -> None:
+    objects = _objects(render_kustomization, lib, overlay)
+    config = _by_kind(objects, "ConfigMap")["sluicegate-config"]["data"]
+    deployments = _by_kind(objects, "Deployment")
+    schedulers = {n: d for n, d in deployments.items() if _one_container(d)["args"] == ["scheduler"]}
+    assert set(schedulers) == set(SCHEDULER_PARTITIONS)
+    assert int(config["SLUICEGATE_PARTITIONS"]) == len(SCHEDULER_PARTITIONS), "one Deployment per partition"
+    budgets = {
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: pdb
+        for pdb in _by_kind(objects, "PodDisruptionBudget").values()
+    }
+    for name, deployment in schedulers.items():
+        env = lib.container_env(_one_container(deployment))
+        assert env["SLUICEGATE_SCHEDULER_PARTITION"]["value"] == str(SCHEDULER_PARTITIONS[name]), name
+        assert deployment["spec"]["replicas"] == 2, f"{name}: active and standby"
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
+        assert budgets[name]["spec"]["minAvailable"] == 1, f"{name}: a drain never takes both"
+        # Every pod of the partition reads the shared config, so they agree on the count.
+        assert {"configMapRef": {"name": "sluicegate-config"}} in _one_container(deployment)["envFrom"], name
 
 
 def test_services_select_pods_and_ports(render_kustomization: Render, lib: ModuleType, overlay: str) -> None:

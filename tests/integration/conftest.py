@@ -228,7 +228,9 @@ async def stack_on(broker: BrokerSettings) -> AsyncIterator[Stack]:
             connection = await aio_pika.connect_robust(broker.rabbitmq_url.get_secret_value())
             async with connection:
                 dispatcher_ids = [d.id for d in s.dispatchers] + s.dispatchers_ids
-                await amqp.delete_topology(connection, amqp.Topology(broker.prefix), dispatcher_ids)
+                await amqp.delete_topology(
+                    connection, amqp.Topology(broker.prefix), dispatcher_ids, partitions=broker.partitions
+                )
 
 
 @pytest.fixture

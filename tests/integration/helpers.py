@@ -188,6 +188,7 @@ class SchedulerProcess:
             **os.environ,
             "RABBITMQ_URL": broker.url,
             "SLUICEGATE_PREFIX": broker.prefix,
+            "SLUICEGATE_PARTITIONS": str(broker.partitions),
             "SLUICEGATE_METRICS_PORT": str(self.port),
             "SLUICEGATE_METRICS_HOST": "127.0.0.1",
             **{f"SLUICEGATE_SCHEDULER_{name.upper()}": value for name, value in settings.items()},

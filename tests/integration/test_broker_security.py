@@ -172,3 +172,26 @@ async def test_roles_over_amqps_and_what_a_client_user_cannot_do(node: Node) -> 
         assert result.output != b"forged"
         assert result.status == messages_pb2.TASK_STATUS_COMPLETED
         assert {w.worker_id for w in scheduler.pool} == {"w-1"}
+
+
+async def test_each_role_user_may_use_every_scheduler_partition(node: Node) -> None:
+    """With two partitions, each role's user reaches the names of partition 1 too (`<prefix>.p1.*`)."""
+
+    def parted(user: str) -> BrokerSettings:
+        return node.settings(user).model_copy(update={"partitions": 2})
+
+    schedulers = [Scheduler(SchedulerSettings(partition=k), parted("sluicegate-scheduler")) for k in (0, 1)]
+    dispatcher = Dispatcher(DispatcherSettings(listen="127.0.0.1:0"), parted("sluicegate-dispatcher"))
+    async with contextlib.AsyncExitStack() as stack:
+        for scheduler in schedulers:
+            await stack.enter_async_context(scheduler)
+        await stack.enter_async_context(dispatcher)
+        worker = demo_worker(f"127.0.0.1:{dispatcher.port}", 1, "w-1")  # one slot: requeues too
+        await stack.enter_async_context(worker)
+        await asyncio.wait_for(worker.registered.wait(), 10)
+        await eventually(lambda: all(any(w.ready for w in s.pool) for s in schedulers), timeout=10)
+        client = await stack.enter_async_context(Client(parted("sluicegate-client")))
+        ids = [await client.submit("echo", f"t{i}", partition_key=f"k{i}") for i in range(20)]
+        results = [await client.result(task_id, timeout=60) for task_id in ids]
+        assert all(r.status == messages_pb2.TASK_STATUS_COMPLETED for r in results)
+        assert all(s.stats.assigned > 0 for s in schedulers), "both partitions scheduled"

@@ -97,14 +97,14 @@ class Forwarder:
             if _still_open(current.token):
                 # A copy is consumed like any assignment: the scheduler counted its publish, and a copy
                 # left out of `received` would read as in transit forever, a slot it never gives again.
-                self.sessions.count_received(assignment.worker_id, assignment.session_id)
+                self.sessions.count_received(assignment.worker_id, assignment.session_id, assignment.partition)
                 await self.settler.item_done(delivery)
             else:
                 current.token = delivery
             return True
         if self.sessions.was_settled(key):
             self.stats.redeliveries += 1
-            self.sessions.count_received(assignment.worker_id, assignment.session_id)
+            self.sessions.count_received(assignment.worker_id, assignment.session_id, assignment.partition)
             await self.settler.item_done(delivery)
             return True
         return False
@@ -122,7 +122,7 @@ class Forwarder:
                 self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))
                 await self.settler.requeue(assignment, delivery, Reason.INVALID, str(err))
                 continue
-            self.sessions.count_received(assignment.worker_id, assignment.session_id)
+            self.sessions.count_received(assignment.worker_id, assignment.session_id, assignment.partition)
             cancelled = self.sessions.cancelled.get(assignment.task.task_id)
             if cancelled is not None:
                 self.sessions.mark_settled((assignment.task.task_id, assignment.attempt))

@@ -173,4 +173,5 @@ def _worker_state(session: WorkerSession, draining: bool, wall_offset: int) -> m
         last_seen_ms=int(session.last_seen * 1000) + wall_offset,
         leases=len(session.leases),
         principal=session.principal,
+        received_by_partition=session.received_by_partition,
     )

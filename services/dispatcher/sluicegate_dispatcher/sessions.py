@@ -58,6 +58,8 @@ class WorkerSession:
     streams_opened: int = 0
     stream_lost_at: float | None = None
     received: int = 0  # assignments consumed for this session, reported to the scheduler
+    # Of those, per scheduler partition (index = partition); empty until a partition other than 0 assigned.
+    received_by_partition: list[int] = field(default_factory=list)
     closed: bool = False
     action_options: dict[str, Any] = field(default_factory=dict)  # the shell's per-action defaults
     finishing: int = 0  # leases whose handler finished, waiting for their result to be confirmed
@@ -183,11 +185,21 @@ class Sessions:
             raise UnknownSession("unknown worker session; register again")
         return session
 
-    def count_received(self, worker_id: str, session_id: str) -> None:
-        """Count an assignment consumed for a session, whatever becomes of it (the scheduler's ledger)."""
+    def count_received(self, worker_id: str, session_id: str, partition: int = 0) -> None:
+        """Count an assignment consumed for a session, whatever becomes of it (the scheduler's ledger).
+
+        Each scheduler partition counts what it sent against what it placed: counts per partition
+        start once a partition other than 0 is seen (partition 0's is the total until then).
+        """
         session = self._by_session.get(session_id)
         if session is not None and session.worker_id == worker_id:
             session.received += 1
+            counts = session.received_by_partition
+            if partition or counts:
+                if not counts:
+                    counts.append(session.received - 1)  # everything before came from partition 0
+                counts.extend([0] * (partition + 1 - len(counts)))
+                counts[partition] += 1
             self.changed(session)
 
     def target(self, worker_id: str, session_id: str) -> WorkerSession:

@@ -103,12 +103,15 @@ class Settler:
             attributes=telemetry.task_attributes(
                 assignment.task.task_id,
                 assignment.attempt,
-                **{"sluicegate.requeue.reason": reason.value, "messaging.destination.name": self.topology.requeue},
+                **{
+                    "sluicegate.requeue.reason": reason.value,
+                    "messaging.destination.name": self.topology.of_partition(assignment.partition).requeue,
+                },
             ),
         )
         telemetry.carry(span, returned.trace)  # the reassignment continues the task's trace from here
         try:
-            await self._requeues.put(reason.value, returned)
+            await self._requeues.put(_requeue_destination(reason.value, assignment.partition), returned)
         except Unroutable:
             log.error("the requeue queue is missing; leaving the task to the inbox TTL", extra=_about(assignment))
             return
@@ -142,10 +145,16 @@ class Settler:
             session.stream.end(detail)
         await self.requeue_settled(self.sessions.close(session), reason, detail)
 
-    async def _publish_requeues(self, reason: str, assignments: list[messages_pb2.Assignment]) -> None:
+    async def _publish_requeues(self, destination: str, assignments: list[messages_pb2.Assignment]) -> None:
+        """Back to the scheduler partition that placed them: 0 through `requeue`, another straight to its queue."""
+        reason, _, partition = destination.partition(PARTITION_MARK)
+        exchange, key = self.exchanges.requeue, ""
+        if partition:
+            exchange = self.exchanges.default
+            key = self.topology.of_partition(int(partition)).requeue
         await amqp.publish_until_confirmed(
-            self.exchanges.requeue,
-            "",
+            exchange,
+            key,
             messages_pb2.AssignmentBatch(assignments=assignments).SerializeToString(),
             headers={amqp.REASON_HEADER: reason},
             timeout=self.broker.confirm_timeout_s,
@@ -382,6 +391,14 @@ class Settler:
         submitted = lease.payload.task.submitted_at_ms
         if submitted:
             self.metrics.task_latency.observe(max(0.0, (result.finished_at_ms - submitted) / 1000))
+
+
+PARTITION_MARK = "@p"
+
+
+def _requeue_destination(reason: str, partition: int) -> str:
+    """One group commit per (reason, partition): partition 0 keeps the bare reason, as without partitions."""
+    return f"{reason}{PARTITION_MARK}{partition}" if partition else reason
 
 
 def _size(message: messages_pb2.Assignment | messages_pb2.TaskResult | messages_pb2.DeadLetter) -> int:

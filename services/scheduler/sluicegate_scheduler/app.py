@@ -28,7 +28,7 @@ from sluicegate.errors import InvalidInput, PublishError
 from sluicegate.ratelimit import QuietLog
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
-from sluicegate_scheduler.assignment import WorkerReport
+from sluicegate_scheduler.assignment import WorkerReport, received_of
 from sluicegate_scheduler.core import Config, Core
 from sluicegate_scheduler.limits import ConcurrencyLimits, RateLimits, Weights, parse_counts, parse_rates
 from sluicegate_scheduler.metrics import SchedulerMetrics
@@ -49,9 +49,16 @@ SESSION_ENDINGS = (
 )  # re-issue the lead's lock before the broker's consumer timeout (30 min) takes it
 
 
-def core_config(settings: SchedulerSettings, prefix: str) -> Config:
+def core_config(settings: SchedulerSettings, prefix: str, partitions: int = 1) -> Config:
+    if settings.partition >= partitions:
+        raise InvalidInput(f"scheduler partition {settings.partition} is not below the {partitions} partitions")
     return Config(
         prefix=prefix,
+        partition=settings.partition,
+        partitions=partitions,
+        eager_share=settings.slot_share == "eager",
+        synthetic_cost=settings.synthetic_cost.total_seconds(),
+        synthetic_wait=settings.synthetic_wait,
         max_dispatch_attempts=settings.max_dispatch_attempts,
         max_payload_bytes=settings.max_payload_bytes,
         max_lanes=settings.max_lanes,
@@ -79,9 +86,9 @@ class Scheduler:
     ) -> None:
         self.settings = settings
         self.broker = broker
-        self.topology = amqp.Topology(broker.prefix)
+        self.topology = amqp.Topology(broker.prefix, settings.partition)
         self.instance_id = uuid.uuid4().hex[:12]
-        self.core = Core(core_config(settings, broker.prefix), clock=clock)
+        self.core = Core(core_config(settings, broker.prefix, broker.partitions), clock=clock)
         self.lifecycle = lifecycle.LifecycleEmitter(
             self.topology, "scheduler", confirm_timeout=broker.confirm_timeout_s
         )
@@ -133,7 +140,13 @@ class Scheduler:
         first = await self._connect(self.broker.connect_deadline.total_seconds())
         self._runner = asyncio.create_task(self._supervise(first), name="scheduler")
         self._state = "running"
-        log.info("scheduler %s started on prefix %s", self.instance_id, self.broker.prefix)
+        log.info(
+            "scheduler %s started on prefix %s, partition %d of %d",
+            self.instance_id,
+            self.broker.prefix,
+            self.settings.partition,
+            self.broker.partitions,
+        )
 
     async def close(self) -> None:
         """Stop consuming and release what is held (the broker redelivers it); idempotent, never raises."""
@@ -289,6 +302,7 @@ class Scheduler:
             self.core.stats.invalid_states += 1
             self._bad_state(self.clock(), "ignoring a worker-state message no dispatcher would send: %s", err)
             return
+        partition = self.settings.partition
         reports = [
             WorkerReport(
                 worker_id=w.worker_id,
@@ -299,7 +313,7 @@ class Scheduler:
                 slots=w.slots,
                 free_slots=w.free_slots,
                 ready=w.ready,
-                received=w.received,
+                received=received_of(w.received, w.received_by_partition, partition),
                 prefetch=w.prefetch,
                 principal=w.principal,
             )

@@ -3,11 +3,18 @@
 The view comes from the dispatchers' state snapshots; between two snapshots the scheduler counts
 what it published itself (`sent` against the dispatcher's `received`), so a burst never
 over-commits a worker, and the same ledger counts running tasks per concurrency key.
+
+With P scheduler partitions assigning to the same workers, each partition counts only its own
+assignments (the dispatcher reports `received` per partition) and claims only its part of the
+free slots each report shows (`claim`). What an overshoot sends waits in the dispatcher's queue
+room or comes back as NO_SLOT, and never reaches the worker (the dispatcher writes to a worker
+only into a free slot).
 """
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +84,13 @@ class WorkerReport:
 MAX_SEQ_JUMP = 10_000_000
 
 
+def received_of(total: int, by_partition: Sequence[int], partition: int) -> int:
+    """What a dispatcher consumed for a session from one partition (`total` is all partition 0's until split)."""
+    if not by_partition:
+        return total if partition == 0 else 0
+    return by_partition[partition] if partition < len(by_partition) else 0
+
+
 @dataclass(slots=True)
 class _DispatcherView:
     seq: int
@@ -90,7 +104,8 @@ class _DispatcherView:
 class WorkerPool:
     """The scheduler's view of every worker, replaced per dispatcher by each state snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1, partition: int = 0, *, eager: bool = False) -> None:
+        self.partitions, self.partition, self.eager = partitions, partition, eager
         self._dispatchers: dict[str, _DispatcherView] = {}
         self._rotation = itertools.count()
         self._lanes: dict[tuple[str, str], list[WorkerView]] = {}
@@ -158,6 +173,7 @@ class WorkerPool:
         for w in workers:
             reported.add(w.session_id)
             ready = w.ready and not draining
+            free, prefetch = self.claim(w, seq) if self.partitions > 1 else (w.free_slots, w.prefetch)
             current = view.workers.get(w.session_id)
             if current is None:
                 view.workers[w.session_id] = WorkerView(
@@ -168,10 +184,10 @@ class WorkerPool:
                     actions=frozenset(w.actions),
                     labels=dict(w.labels),
                     slots=w.slots,
-                    reported_free=w.free_slots,
+                    reported_free=free,
                     reported_received=w.received,
                     ready=ready,
-                    prefetch=w.prefetch,
+                    prefetch=prefetch,
                     principal=w.principal,
                     sent=w.received,
                 )
@@ -181,8 +197,8 @@ class WorkerPool:
                 continue
             reshaped |= current.ready != ready or current.tenant != w.tenant or current.actions != frozenset(w.actions)
             current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
-            current.slots, current.reported_free, current.reported_received = w.slots, w.free_slots, w.received
-            current.ready, current.prefetch, current.principal = ready, w.prefetch, w.principal
+            current.slots, current.reported_free, current.reported_received = w.slots, free, w.received
+            current.ready, current.prefetch, current.principal = ready, prefetch, w.principal
             # Never below what the dispatcher consumed: a redelivered or re-published assignment
             # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
             current.sent = max(current.sent, w.received)
@@ -195,6 +211,25 @@ class WorkerPool:
         if reshaped:
             self._changed()
         return True
+
+    def claim(self, w: WorkerReport, seq: int) -> tuple[int, int]:
+        """This partition's claim on a worker's reported free slots, and how much of it is queue room.
+
+        Exact (the default): every partition gets F // P of the F free slots, and the slots left
+        over go round by turn (the report's seq and the session: the same for every partition that
+        read the report), so the claims add up to what the report shows. A slot whose turn is an
+        idle partition's waits for the worker's next report. Eager: idle slots are claimed rounded
+        up, so a partition with work never leaves one for the others, and together they overshoot
+        by at most P - 1 (turned away as NO_SLOT). Idle slots and queue room are shared apart, so a
+        partition still tells one from the other.
+        """
+        parts = self.partitions
+        room = min(w.prefetch, w.free_slots)
+        idle = w.free_slots - room
+        mine = (self.partition - seq - zlib.crc32(w.session_id.encode())) % parts
+        idle_claim = -(-idle // parts) if self.eager else idle // parts + (mine < idle % parts)
+        room_claim = room // parts + ((mine - idle) % parts < room % parts)
+        return idle_claim + room_claim, room_claim
 
     def _changed(self) -> None:
         self._lanes.clear()

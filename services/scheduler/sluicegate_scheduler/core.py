@@ -46,6 +46,11 @@ STALL_REASONS = frozenset(
 @dataclass(frozen=True, slots=True)
 class Config:
     prefix: str = "sluicegate"
+    partition: int = 0  # which scheduler partition this is, of `partitions`
+    partitions: int = 1
+    eager_share: bool = False  # partitions claim idle slots rounded up (see WorkerPool.share)
+    synthetic_cost: float = 0.0  # seconds of work added to each placement (benchmarks only)
+    synthetic_wait: bool = False  # the synthetic cost blocks without using the CPU (a model of more cores)
     max_dispatch_attempts: int = 5
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     max_lanes: int = 1000
@@ -73,10 +78,10 @@ class Core:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.pool = pool or WorkerPool()
+        self.pool = pool or WorkerPool(config.partitions, config.partition, eager=config.eager_share)
         self.clock, self.wall = clock, wall
         self.rng = rng or random.Random()
-        self.book = LaneBook(config.prefix, config.max_lanes)
+        self.book = LaneBook(amqp.Topology(config.prefix, config.partition).own, config.max_lanes)
         self.ledger = Ledger()
         self.outbox = Outbox(max_items=config.max_batch)
         self.stats = SchedulerStats()
@@ -158,12 +163,15 @@ class Core:
                     )
                 )
             reason = reason_of(history)
+            # With partitions, a worker turned away what another partition claimed at the same time:
+            # a lost race for a slot, not a task that cannot be dispatched, so it spends no attempt.
+            contended = reason == Reason.NO_SLOT and self.config.partitions > 1
             item = Pending(
                 task=a.task,
                 source=source,
                 origin=Origin.REQUEUE,
                 attempt=a.attempt + 1,
-                dispatch_failures=a.dispatch_failures + reason.counts_as_dispatch_failure,
+                dispatch_failures=a.dispatch_failures + (reason.counts_as_dispatch_failure and not contended),
                 run_failures=a.run_failures + (reason == Reason.HANDLER_FAILED),
                 history=history,
                 avoid=frozenset({a.worker_id}) if a.worker_id else frozenset(),

@@ -41,6 +41,10 @@ class SchedulerMetrics:
             "sluicegate_duplicate_requeues", "Requeues of an attempt already handled.", stats.duplicate_requeues
         )
         yield gauge("sluicegate_leading", "1 while this scheduler holds the lead.", float(s.leading.is_set()))
+        yield gauge("sluicegate_scheduler_partition", "The partition it leads or stands by for.", core.config.partition)
+        yield counter(
+            "sluicegate_returned_strays", "Requeued attempts of another partition sent on to it.", stats.returned_strays
+        )
         yield gauge(
             "sluicegate_known_workers", "Workers in the scheduler's view that take work.", sum(w.ready for w in workers)
         )

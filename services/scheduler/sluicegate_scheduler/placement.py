@@ -10,6 +10,7 @@ passed over as a whole.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
@@ -124,6 +125,8 @@ class Placement:
         core = self._core
         task = item.task
         core.unhold(item)
+        if self._config.synthetic_cost:
+            _burn(self._config.synthetic_cost, wait=self._config.synthetic_wait)
         core.pool.assigned(worker, scope)
         if self._config.rates:
             self._config.rates.take(task.tenant, task.action, task.concurrency_key, now)
@@ -164,6 +167,7 @@ class Placement:
             run_failures=item.run_failures,
             history=item.history,
             assigned_at_ms=self._core.wall(),
+            partition=self._config.partition,
         )
         telemetry.carry(span, assignment.trace)
         return assignment, span
@@ -206,3 +210,17 @@ class Placement:
         if entry.item is not None:
             task = entry.item.task
             self._config.rates.give_back(task.tenant, task.action, task.concurrency_key, self._core.clock())
+
+
+def _burn(seconds: float, *, wait: bool) -> None:
+    """A fixed cost per placement, to make the scheduler the bottleneck in a benchmark.
+
+    Spent on the CPU (a busy loop), or, with `wait`, blocking the event loop without using it: what
+    the scheduler would do with a core of its own while others use theirs.
+    """
+    if wait:
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
-from sluicegate.durations import PositiveDuration
+from sluicegate.durations import Duration, PositiveDuration
 from sluicegate.errors import InvalidInput
 from sluicegate.settings import settings_config
 from sluicegate.validation import DEFAULT_MAX_PAYLOAD
@@ -69,9 +69,36 @@ class SchedulerSettings(BaseSettings):
     )
     fairness_weights: str = Field(default="", description="Shares of fairness keys: key=weight, comma-separated.")
     tenant_weights: str = Field(default="", description="Shares of tenants' intakes: tenant=weight, comma-separated.")
+    partition: int = Field(
+        default=0,
+        ge=0,
+        le=63,
+        description="Which scheduler partition this scheduler leads or stands by for (below SLUICEGATE_PARTITIONS).",
+    )
+    slot_share: Literal["exact", "eager"] = Field(
+        default="exact",
+        description=(
+            "How partitions share a worker's free slots: exact (the claims add up to what the dispatcher reports) or"
+            " eager (idle slots rounded up: none left unclaimed, at most P-1 too many, turned away as NO_SLOT)."
+        ),
+    )
+    synthetic_cost: Duration = Field(
+        default=timedelta(0),
+        description="Work added to every placement, for benchmarks that make the scheduler the bottleneck; 0 in use.",
+    )
+    synthetic_wait: bool = Field(
+        default=False, description="The synthetic cost blocks without using the CPU (a model of one core each)."
+    )
     heartbeat: int = Field(
         default=5, ge=1, le=60, description="AMQP heartbeat in seconds: a hung scheduler loses its lead after ~3x."
     )
+
+    @field_validator("synthetic_cost")
+    @classmethod
+    def _cost(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) <= value <= timedelta(seconds=1):
+            raise ValueError("must be between 0 and 1s")
+        return value
 
     @field_validator("concurrency")
     @classmethod

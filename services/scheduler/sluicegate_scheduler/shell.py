@@ -59,7 +59,7 @@ class Session:
         on_batch: Callable[[Kind, int], None] = lambda _kind, _size: None,
     ) -> None:
         self.core, self.settings, self.broker = core, settings, broker
-        self.topology = amqp.Topology(broker.prefix)
+        self.topology = amqp.Topology(broker.prefix, settings.partition)
         self.connection = connection
         self.wake = wake
         self.on_batch = on_batch
@@ -190,14 +190,54 @@ class Session:
             self._spawn(self._bury_raw(message, "requeued message does not decode"))
             return
         _decoded(message)
-        delivery = amqp.Delivery(message, len(batch.assignments))
+        reason = _x_death_reason(message)
+        strays = [a for a in batch.assignments if self._stray(a)]
+        mine = [a for a in batch.assignments if not self._stray(a)] if strays else batch.assignments
+        # The strays' return counts as one more item: whichever of it and the core finishes last acks.
+        delivery = amqp.Delivery(message, len(mine) + bool(strays))
         if delivery.pending == 0:
             self._spawn(_settle(message))
             return
-        self.core.take_requeued(
-            batch.assignments, _x_death_reason(message), delivery, redelivered=bool(message.redelivered)
-        )
-        self.wake.set()
+        if strays:
+            self._spawn(self._return_strays(strays, reason, delivery))
+        if mine:
+            self.core.take_requeued(mine, reason, delivery, redelivered=bool(message.redelivered))
+            self.wake.set()
+
+    def _stray(self, assignment: messages_pb2.Assignment) -> bool:
+        """Placed by another partition (that still exists): it came here through a dead dispatcher's inbox."""
+        return assignment.partition != self.topology.partition and assignment.partition < self.broker.partitions
+
+    async def _return_strays(
+        self, strays: list[messages_pb2.Assignment], reason: Reason | None, delivery: amqp.Delivery
+    ) -> None:
+        """Send requeued attempts of another partition to its own requeue queue, then count them done.
+
+        Dispatchers send a partition's requeues straight to it; only what the broker dead-lettered
+        from an inbox (a dispatcher that died, a message it rejected) lands on partition 0's queue.
+        The broker's reason is written into the history, since the republished copy has no x-death.
+        """
+        by_partition: dict[int, list[messages_pb2.Assignment]] = {}
+        for a in strays:
+            if reason is not None:
+                a.history.append(
+                    messages_pb2.Requeue(
+                        reason=reason.value, detail="dead-lettered by the broker", worker_id=a.worker_id,
+                        attempt=a.attempt, at_ms=self.core.wall(),
+                    )
+                )  # fmt: skip
+            by_partition.setdefault(a.partition, []).append(a)
+        for partition, assignments in sorted(by_partition.items()):
+            await amqp.publish_until_confirmed(
+                self._default,
+                self.topology.of_partition(partition).requeue,
+                messages_pb2.AssignmentBatch(assignments=assignments).SerializeToString(),
+                headers={amqp.REASON_HEADER: (reason or Reason.LEASE_EXPIRED).value},
+                timeout=self.broker.confirm_timeout_s,
+            )
+        self.core.stats.returned_strays += len(strays)
+        if delivery.done():
+            await _settle(delivery.message)
 
     async def _on_due(self, message: AbstractIncomingMessage) -> None:
         await self._on_parked(message, Origin.DUE, None)
@@ -351,7 +391,7 @@ class Session:
 
     async def _prepare(self, lane: Lane) -> None:
         """Record a lane, then declare it; only then may anything be parked in it."""
-        await self.registry.add(lane.key.record(self.topology.prefix))
+        await self.registry.add(lane.key.record(self.topology.own))
         await own.declare_lane(self._publish, lane.name)
         lane.ready = True
         self.wake.set()

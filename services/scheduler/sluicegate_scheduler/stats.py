@@ -23,3 +23,4 @@ class SchedulerStats:
     invalid_states: int = 0  # worker-state messages dropped: no dispatcher would send them
     invalid_cancels: int = 0  # cancellations dropped: they name no task a client could submit
     unroutable_assignments: int = 0
+    returned_strays: int = 0  # requeued attempts of another partition, sent on to it

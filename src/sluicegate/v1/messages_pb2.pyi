@@ -374,6 +374,7 @@ class Assignment(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     ASSIGNED_AT_MS_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """1 for the first assignment; every reassignment adds one"""
     worker_id: _builtins.str
@@ -385,6 +386,8 @@ class Assignment(_message.Message):
     run_failures: _builtins.int
     """retryable handler failures so far"""
     assigned_at_ms: _builtins.int
+    partition: _builtins.int
+    """the scheduler partition that placed it (0 without partitions)"""
     @_builtins.property
     def task(self) -> Global___Task: ...
     @_builtins.property
@@ -408,10 +411,11 @@ class Assignment(_message.Message):
         history: _abc.Iterable[Global___Requeue] | None = ...,
         assigned_at_ms: _builtins.int = ...,
         trace: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_at_ms", b"assigned_at_ms", "attempt", b"attempt", "dispatch_failures", b"dispatch_failures", "dispatcher_id", b"dispatcher_id", "history", b"history", "run_failures", b"run_failures", "session_id", b"session_id", "task", b"task", "trace", b"trace", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_at_ms", b"assigned_at_ms", "attempt", b"attempt", "dispatch_failures", b"dispatch_failures", "dispatcher_id", b"dispatcher_id", "history", b"history", "partition", b"partition", "run_failures", b"run_failures", "session_id", b"session_id", "task", b"task", "trace", b"trace", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -833,6 +837,7 @@ class WorkerState(_message.Message):
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
+    RECEIVED_BY_PARTITION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     tenant: _builtins.str
@@ -854,6 +859,12 @@ class WorkerState(_message.Message):
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def received_by_partition(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Of `received`, how many each scheduler partition placed (index = partition); empty while only
+        partition 0 ever assigned to the session, so one partition sees exactly what it did before.
+        """
+
     def __init__(
         self,
         *,
@@ -870,10 +881,11 @@ class WorkerState(_message.Message):
         last_seen_ms: _builtins.int = ...,
         leases: _builtins.int = ...,
         principal: _builtins.str = ...,
+        received_by_partition: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "received_by_partition", b"received_by_partition", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
