@@ -62,7 +62,7 @@ async def test_poison(scenario: ScenarioFactory, size: Size) -> None:
                 state.workers.append(
                     messages_pb2.WorkerState(
                         worker_id="phantom", session_id="phantom-session", tenant="default",
-                        actions=["echo"], slots=64, free_slots=64 * 8, ready=True,  # the emptiest by far
+                        actions=["echo"], slots=64, free_slots=64 * 2, ready=True,  # the emptiest by far
                     )
                 )  # fmt: skip
                 await amqp.publish(

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,12 @@ def _free_port() -> int:
 
 
 async def _check(port: int, path: str = "/healthz") -> int:
+    # An empty process table: this machine's may hold a one-shot `sluicegate` command of another
+    # test, which the check (made for a container's own processes) would take as nothing to probe.
+    empty = tempfile.mkdtemp()
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(HEALTHCHECK), path,
-        env={**os.environ, "SLUICEGATE_METRICS_PORT": str(port)},
+        env={**os.environ, "SLUICEGATE_METRICS_PORT": str(port), "SLUICEGATE_HEALTHCHECK_PROC": empty},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     return await asyncio.wait_for(process.wait(), 10)
