@@ -343,3 +343,19 @@ def test_an_idle_slot_beats_room_that_only_queues_behind_busy_slots_even_when_pr
     w = pool.pick("acme", "resize", {}, preferred=[("gpu", "a100", 5)])
     assert w is not None
     assert w.worker_id == "gpu"
+
+
+def test_a_worker_cooling_only_for_its_host_goes_before_the_one_that_stalled() -> None:
+    # Without credentials the principal is the host: one stalled worker cools its neighbours too,
+    # but when all cool, the one that did not stall itself takes the task.
+    deaf = WorkerReport("deaf", "s-deaf", "acme", ("resize",), {}, 4, 4, True, 0, principal="10.0.0.1")
+    good = WorkerReport("good", "s-good", "acme", ("resize",), {}, 4, 4, True, 0, principal="10.0.0.1")
+    pool = pool_of(deaf, good)
+    pool.cool_down("deaf", 0.0, base=5.0)
+    picks = {picked(pool) for _ in range(6)}
+    assert picks == {"good"}
+
+
+def picked(pool: WorkerPool) -> str | None:
+    w = pool.pick("acme", "resize", {}, now=1.0)
+    return None if w is None else w.worker_id

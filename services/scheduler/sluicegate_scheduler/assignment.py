@@ -337,6 +337,7 @@ class WorkerPool:
         if not count:
             return None
         cooling = self._cooling
+        last_resort: WorkerView | None = None
         # Start the scan at a rotating offset and keep the first best: equal workers take turns.
         # (The hot loop of the scheduler: the free-slot estimate is inlined.)
         start = next(self._rotation) % count
@@ -351,13 +352,18 @@ class WorkerPool:
             if labels and not all(w.labels.get(k) == v for k, v in labels.items()):
                 continue
             if (avoid and w.worker_id in avoid) or (cooling and self.cooling(w, now)):
-                fallback = fallback or w
+                # A worker cooling only for its principal (a neighbour stalled: without credentials
+                # the principal is the host) goes before one that failed itself.
+                if (avoid and w.worker_id in avoid) or cooling.get(w.worker_id, (0.0, 0))[0] > now:
+                    last_resort = last_resort or w
+                else:
+                    fallback = fallback or w
                 continue
             # An idle slot first: a task queued behind busy ones waits while another worker idles.
             score = (free > w.prefetch, w.preference(preferred) if preferred else 0, free / w.slots)
             if score > best_score:
                 best, best_score = w, score
-        return best or fallback
+        return best or fallback or last_resort
 
     def assigned(self, worker: WorkerView, scope: KeyScope | None = None) -> None:
         worker.sent += 1
