@@ -31,6 +31,9 @@ from sluicegate.wire import now_ms
 
 TaskResult = messages_pb2.TaskResult
 RESULTS_QUEUE_EXPIRES_MS = 10 * 60 * 1000
+# Between unbinding the results queue and deleting it: a publish routed to it just before the
+# unbind is delivered within milliseconds, and must reach a queue that still exists.
+UNBOUND_GRACE_S = 0.25
 COMPLETED = messages_pb2.TASK_STATUS_COMPLETED
 BATCH_BYTES = 256 * 1024  # a submit message carries tasks up to this many bytes (one at least)
 Seconds = float | timedelta
@@ -186,11 +189,7 @@ class Client:
             self._store = None
         if self._queue is not None:
             with contextlib.suppress(Exception):
-                if (
-                    self._consumer_tag is not None
-                ):  # stop consuming first: a deleted queue's consumer is cancelled noisily
-                    await self._queue.cancel(self._consumer_tag)
-                await self._queue.delete(if_unused=False, if_empty=False)
+                await self._leave_results_queue(self._queue)
             self._consumer_tag = None
             self._queue = None
         if self._connection is not None:
@@ -200,6 +199,21 @@ class Client:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.cancel()
+
+    async def _leave_results_queue(self, queue: AbstractQueue) -> None:
+        """Stop consuming, unbind, let results already routed here land, then delete the queue.
+
+        RabbitMQ closes a publisher's whole connection (541 INTERNAL_ERROR) when one of its channels
+        delivers to a quorum queue that is being deleted: deleting this queue while a dispatcher
+        still publishes results to it would cost that dispatcher its broker connection, and every
+        worker its work until it reconnects. Once unbound, no new result is routed here.
+        """
+        if self._consumer_tag is not None:  # first: a deleted queue's consumer is cancelled noisily
+            await queue.cancel(self._consumer_tag)
+        await queue.unbind(self.topology.events, routing_key=self.topology.result_key(self.client_id))
+        if self._submitted - self._results.keys():  # results may be on their way
+            await asyncio.sleep(UNBOUND_GRACE_S)
+        await queue.delete(if_unused=False, if_empty=False)
 
     def _build(self, spec: TaskSpec) -> tuple[messages_pb2.Task, Span]:
         if not 0 <= spec.timeout_s <= 7 * 24 * 3600:
