@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
@@ -349,13 +350,83 @@ def test_a_worker_cooling_only_for_its_host_goes_before_the_one_that_stalled() -
     # Without credentials the principal is the host: one stalled worker cools its neighbours too,
     # but when all cool, the one that did not stall itself takes the task.
     deaf = WorkerReport("deaf", "s-deaf", "acme", ("resize",), {}, 4, 4, True, 0, principal="10.0.0.1")
-    good = WorkerReport("good", "s-good", "acme", ("resize",), {}, 4, 4, True, 0, principal="10.0.0.1")
+    good = WorkerReport("good", "s-good", "acme", ("resize",), {}, 4, 4, True, 0, principal="10.0.0.1", acknowledged=3)
     pool = pool_of(deaf, good)
     pool.cool_down("deaf", 0.0, base=5.0)
     picks = {picked(pool) for _ in range(6)}
     assert picks == {"good"}
+    # The same on probation (no session of the host acknowledged anything yet): still "good" first.
+    pool = pool_of(deaf, replace(good, acknowledged=0))
+    pool.cool_down("deaf", 0.0, base=5.0)
+    assert {picked(pool) for _ in range(6)} == {"good"}
 
 
 def picked(pool: WorkerPool) -> str | None:
     w = pool.pick("acme", "resize", {}, now=1.0)
     return None if w is None else w.worker_id
+
+
+# Probation: a principal none of whose sessions has acknowledged a task yet.
+
+
+def session(worker_id: str, principal: str, *, slots: int = 4, acknowledged: int = 0, leases: int = 0) -> WorkerReport:
+    return WorkerReport(
+        worker_id, f"s-{worker_id}", "acme", ("resize",), {}, slots, slots - leases, True, leases,
+        principal=principal, leases=leases, acknowledged=acknowledged,
+    )  # fmt: skip
+
+
+def assign_all(pool: WorkerPool, now: float = 1.0, most: int = 100) -> list[str]:
+    """Pick and assign until nothing more is placed; the worker ids, in order."""
+    placed: list[str] = []
+    while len(placed) < most and (w := pool.pick("acme", "resize", {}, now=now)) is not None:
+        pool.assigned(w)
+        placed.append(w.worker_id)
+    return placed
+
+
+def test_an_unproven_principal_holds_one_task_at_a_time_across_all_its_sessions() -> None:
+    mallory = [session(f"m{i}", "mallory", slots=8) for i in range(30)]
+    pool = pool_of(*mallory, session("honest", "alice", slots=8, acknowledged=1))
+    placed = assign_all(pool)
+    assert placed.count("honest") == 8
+    assert len([w for w in placed if w.startswith("m")]) == 1, placed
+    # The dispatcher reports what it holds: still one, still on probation.
+    held = next(w for w in placed if w.startswith("m"))
+    reports = [replace(r, free_slots=7, received=1, leases=1) if r.worker_id == held else r for r in mallory]
+    assert pool.update("d1", 2, False, [*reports, session("honest", "alice", slots=8, acknowledged=1, leases=8)], 1.0)
+    assert assign_all(pool) == []
+
+
+def test_one_acknowledgement_by_any_session_ends_the_probation_of_the_principal() -> None:
+    workers = [session(f"w{i}", "10.0.0.7") for i in range(3)]
+    pool = pool_of(*workers)
+    assert len(assign_all(pool)) == 1, "a fleet that has acknowledged nothing yet starts one task at a time"
+    workers[0] = replace(workers[0], acknowledged=1, received=1, leases=1, free_slots=3)
+    assert pool.update("d1", 2, False, workers, 1.0)
+    assert len(assign_all(pool)) == 3 + 4 + 4
+    # Proven for good: a new session of the principal has every slot at once.
+    assert pool.update("d1", 3, False, [session("w9", "10.0.0.7")], 1.0)
+    assert len(assign_all(pool)) == 4
+
+
+def test_an_unproven_principal_that_stalled_gets_no_task_while_anyone_else_serves_the_lane() -> None:
+    mallory = [session(f"m{i}", "mallory") for i in range(3)]
+    pool = pool_of(*mallory, session("honest", "alice", slots=2, acknowledged=5))
+    pool.cool_down("m0", 0.0, base=5.0)
+    assert assign_all(pool) == ["honest", "honest"], "the full honest worker is waited for"
+    # Nobody else serves the lane: the stalled principal gets its one task, from a session that did not stall.
+    pool = pool_of(*mallory)
+    pool.cool_down("m0", 0.0, base=5.0)
+    assert assign_all(pool) in (["m1"], ["m2"])
+    # Once its cooldown is over it is on probation as before: one at a time.
+    pool = pool_of(*mallory, session("honest", "alice", slots=2, acknowledged=5))
+    pool.cool_down("m0", 0.0, base=5.0)
+    placed = assign_all(pool, now=6.0)
+    assert placed.count("honest") == 2
+    assert len([w for w in placed if w.startswith("m")]) == 1, placed
+
+
+def test_sessions_with_no_principal_reported_are_never_on_probation() -> None:
+    pool = pool_of(report("a"), report("b"))
+    assert len(assign_all(pool)) == 8

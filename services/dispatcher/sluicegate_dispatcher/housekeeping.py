@@ -174,4 +174,5 @@ def _worker_state(session: WorkerSession, draining: bool, wall_offset: int) -> m
         leases=len(session.leases),
         principal=session.principal,
         received_by_partition=session.received_by_partition,
+        acknowledged=session.acknowledged,
     )

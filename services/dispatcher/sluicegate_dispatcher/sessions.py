@@ -53,6 +53,7 @@ class WorkerSession:
     last_seen: float
     window: int = 0  # most assignments that may await the worker's receipt at once (0: slots)
     unacknowledged: int = 0  # leases whose receipt the worker has not acknowledged yet
+    acknowledged: int = 0  # receipts it has given (none yet: its principal may be on probation)
     leases: dict[LeaseKey, Lease] = field(default_factory=dict)
     stream: Any = None  # the shell's open stream (with its send lock), when streaming
     streams_opened: int = 0
@@ -411,6 +412,7 @@ class Sessions:
             return False
         lease.received = True
         lease.session.unacknowledged -= 1
+        lease.session.acknowledged += 1
         self.changed(lease.session)
         if lease.session.queued:
             self.on_room(lease.session)  # the receipt window has room again

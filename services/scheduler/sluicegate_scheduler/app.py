@@ -316,6 +316,8 @@ class Scheduler:
                 received=received_of(w.received, w.received_by_partition, partition),
                 prefetch=w.prefetch,
                 principal=w.principal,
+                leases=w.leases,
+                acknowledged=w.acknowledged,
             )
             for w in state.workers
         ]

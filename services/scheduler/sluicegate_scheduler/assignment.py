@@ -40,6 +40,7 @@ class WorkerView:
     ready: bool
     prefetch: int = 0  # of reported_free, the room that only queues at the dispatcher behind busy slots
     principal: str = ""  # who stands behind the session; a stall cools all of its sessions
+    leases: int = 0  # assignments it held when its dispatcher last reported (forwarded or queued there)
     sent: int = 0  # assignments this scheduler published to the session
     keyed: deque[tuple[int, KeyScope]] = field(default_factory=deque)  # (sent at, scope) not yet reported
 
@@ -76,6 +77,8 @@ class WorkerReport:
     received: int
     prefetch: int = 0  # of free_slots, how many only queue at the dispatcher
     principal: str = ""
+    leases: int = 0
+    acknowledged: int = 0  # receipts the session has given
 
 
 # A full snapshot further ahead than this of the last one applied (same instance) is not believed:
@@ -112,6 +115,11 @@ class WorkerPool:
         # worker id, or PRINCIPAL + principal -> (last resort until, strikes)
         self._cooling: dict[str, tuple[float, int]] = {}
         self._principals: dict[str, str] = {}  # worker id -> its principal, as last reported
+        # Principals one of whose sessions acknowledged a task. The others are on probation: one
+        # task in flight across all their sessions, so thirty sessions that never acknowledge hold
+        # one honest task at a time, not thirty times their slots.
+        self._proven: set[str] = set()
+        self._probation: Counter[str] | None = None  # unproven principal -> tasks in flight (None: to count)
         self._key_leases: Counter[KeyScope] = Counter()  # reported by dispatchers, summed
         self._key_transit: Counter[KeyScope] = Counter()  # published, not yet in a report
         self._served: set[tuple[str, str]] | None = None
@@ -170,8 +178,11 @@ class WorkerPool:
         self._key_leases.update(view.key_leases)
         reshaped = False
         reported = set()
+        self._probation = None
         for w in workers:
             reported.add(w.session_id)
+            if w.acknowledged and w.principal and w.principal not in self._proven:
+                self._prove(w.principal)
             ready = w.ready and not draining
             free, prefetch = self.claim(w, seq) if self.partitions > 1 else (w.free_slots, w.prefetch)
             current = view.workers.get(w.session_id)
@@ -189,6 +200,7 @@ class WorkerPool:
                     ready=ready,
                     prefetch=prefetch,
                     principal=w.principal,
+                    leases=w.leases,
                     sent=w.received,
                 )
                 if w.principal:
@@ -199,6 +211,7 @@ class WorkerPool:
             current.tenant, current.actions, current.labels = w.tenant, frozenset(w.actions), dict(w.labels)
             current.slots, current.reported_free, current.reported_received = w.slots, free, w.received
             current.ready, current.prefetch, current.principal = ready, prefetch, w.principal
+            current.leases = w.leases
             # Never below what the dispatcher consumed: a redelivered or re-published assignment
             # is consumed twice, and a `sent` left behind would read as nothing in transit forever.
             current.sent = max(current.sent, w.received)
@@ -263,6 +276,7 @@ class WorkerPool:
             self._key_leases.subtract(view.key_leases)
             for worker in view.workers.values():
                 self._drop_transit(worker)
+        self._probation = None
         self._changed()
 
     def forget_silent(self, now: float, stale_after: float) -> list[str]:
@@ -299,6 +313,34 @@ class WorkerPool:
         if len(self._cooling) > 100_000:  # long cooled keys first
             for old in [k for k, (u, _) in self._cooling.items() if u + longest < now]:
                 del self._cooling[old]
+
+    def _prove(self, principal: str) -> None:
+        if len(self._proven) >= 100_000:  # a bound against principals made up by the thousand
+            self._proven = {w.principal for w in self if w.principal in self._proven}
+        self._proven.add(principal)
+
+    def on_probation(self, worker: WorkerView) -> bool:
+        """Whether no session of the worker's principal has acknowledged a task yet."""
+        return bool(worker.principal) and worker.principal not in self._proven
+
+    def _probation_load(self, principal: str) -> int:
+        """Tasks in flight to the sessions of an unproven principal (counted again after each report)."""
+        if self._probation is None:
+            load: Counter[str] = Counter()
+            for w in self:
+                if w.principal and w.principal not in self._proven:
+                    load[w.principal] += w.leases + w.in_transit
+            self._probation = load
+        return self._probation[principal]
+
+    def _served_by_others(self, workers: Iterable[WorkerView], labels: dict[str, str], now: float) -> bool:
+        """Whether a worker other than stalled unproven ones takes the lane's tasks (free or not)."""
+        return any(
+            w.ready
+            and all(w.labels.get(k) == v for k, v in labels.items())
+            and not (self.on_probation(w) and self.cooling(w, now))
+            for w in workers
+        )
 
     def cooling(self, worker: WorkerView, now: float) -> bool:
         cooling = self._cooling
@@ -337,7 +379,9 @@ class WorkerPool:
         if not count:
             return None
         cooling = self._cooling
+        proven = self._proven
         last_resort: WorkerView | None = None
+        stalled_on_probation: WorkerView | None = None
         # Start the scan at a rotating offset and keep the first best: equal workers take turns.
         # (The hot loop of the scheduler: the free-slot estimate is inlined.)
         start = next(self._rotation) % count
@@ -351,6 +395,15 @@ class WorkerPool:
                 continue
             if labels and not all(w.labels.get(k) == v for k, v in labels.items()):
                 continue
+            if w.principal and w.principal not in proven:
+                if self._probation_load(w.principal):
+                    continue  # one task at a time until one of its principal's sessions acknowledges
+                if cooling and self.cooling(w, now):
+                    # It stalled and never acknowledged anything: only if nobody else takes the lane,
+                    # and one that did not stall itself first.
+                    if stalled_on_probation is None or cooling.get(stalled_on_probation.worker_id, (0.0, 0))[0] > now:
+                        stalled_on_probation = w
+                    continue
             if (avoid and w.worker_id in avoid) or (cooling and self.cooling(w, now)):
                 # A worker cooling only for its principal (a neighbour stalled: without credentials
                 # the principal is the host) goes before one that failed itself.
@@ -363,16 +416,22 @@ class WorkerPool:
             score = (free > w.prefetch, w.preference(preferred) if preferred else 0, free / w.slots)
             if score > best_score:
                 best, best_score = w, score
-        return best or fallback or last_resort
+        choice = best or fallback or last_resort
+        if choice is None and stalled_on_probation is not None and not self._served_by_others(workers, labels, now):
+            return stalled_on_probation
+        return choice
 
     def assigned(self, worker: WorkerView, scope: KeyScope | None = None) -> None:
         worker.sent += 1
+        if self._probation is not None and worker.principal and worker.principal not in self._proven:
+            self._probation[worker.principal] += 1
         if scope is not None:
             worker.keyed.append((worker.sent, scope))
             self._key_transit[scope] += 1
 
     def unassigned(self, worker: WorkerView, scope: KeyScope | None = None) -> None:
         """Take back an assignment that was never published, on the worker's current view."""
+        self._probation = None
         view = self._dispatchers.get(worker.dispatcher_id)
         current = view.workers.get(worker.session_id) if view else None
         if current is not None:

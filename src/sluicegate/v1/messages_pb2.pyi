@@ -838,6 +838,7 @@ class WorkerState(_message.Message):
     LEASES_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     RECEIVED_BY_PARTITION_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     tenant: _builtins.str
@@ -855,6 +856,10 @@ class WorkerState(_message.Message):
     """assignments of this session in flight (forwarded, not settled)"""
     principal: _builtins.str
     """who stands behind the session: a stall cools all of its sessions"""
+    acknowledged: _builtins.int
+    """Receipts the session has given. A principal none of whose sessions has acknowledged a task is
+    on probation: schedulers give it one task at a time until one of its sessions acknowledges.
+    """
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -882,10 +887,11 @@ class WorkerState(_message.Message):
         leases: _builtins.int = ...,
         principal: _builtins.str = ...,
         received_by_partition: _abc.Iterable[_builtins.int] | None = ...,
+        acknowledged: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "received_by_partition", b"received_by_partition", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged", "actions", b"actions", "free_slots", b"free_slots", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "leases", b"leases", "prefetch", b"prefetch", "principal", b"principal", "ready", b"ready", "received", b"received", "received_by_partition", b"received_by_partition", "session_id", b"session_id", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
