@@ -63,6 +63,9 @@ class Principal:
     role: str
     tenants: frozenset[str]
     via: str = "token"  # or "certificate"
+    # Unix seconds after which the credentials no longer hold (the token's expiry, with the leeway
+    # it was verified with, or the certificate's end): a stream opened with them ends then.
+    expires_at: float | None = None
 
     def may_act_for(self, tenant: str) -> bool:
         return ALL_TENANTS in self.tenants or tenant in self.tenants
@@ -237,7 +240,10 @@ def verify(token: str, keys: KeySet, *, now: float, leeway: float = 5.0) -> Prin
         names = check_claims(str(claims["sub"]), str(claims.get("role")), tenants)
     except InvalidInput:
         raise Unauthenticated("the token's claims are malformed") from None
-    return Principal(name=str(claims["sub"]), role=str(claims["role"]), tenants=names, via="token")
+    return Principal(
+        name=str(claims["sub"]), role=str(claims["role"]), tenants=names, via="token",
+        expires_at=float(claims["exp"]) + leeway,
+    )  # fmt: skip
 
 
 def bearer(metadata: Iterable[tuple[str, Any]]) -> str | None:
@@ -275,7 +281,9 @@ def from_certificate(pem: bytes) -> Principal:
     try:
         name = str(names[0].value)
         role = roles[0] if roles else "worker"
-        return Principal(name=name, role=role, tenants=check_claims(name, role, tenants), via="certificate")
+        tenants_claimed = check_claims(name, role, tenants)
+        ends = cert.not_valid_after_utc.timestamp()
+        return Principal(name=name, role=role, tenants=tenants_claimed, via="certificate", expires_at=ends)
     except InvalidInput:
         raise Unauthenticated("the client certificate does not name a valid principal, role and tenants") from None
 

@@ -183,8 +183,7 @@ class Worker:
             server=False,
         )
         channel = open_channel(address, s, options)
-        token = s.current_token()  # read at every registration: a rotated token needs no restart
-        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        metadata = self._metadata()
         async with channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             reply = await stub.Register(
@@ -217,6 +216,11 @@ class Worker:
                 reporter.fail_all()
                 for task in list(self.attempts.running.values()):
                     task.cancel()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What every call carries: the token as it is now (read again each time: rotation needs no restart)."""
+        token = self.settings.current_token()
+        return (("authorization", f"Bearer {token}"),) if token else None
 
     async def _until_stopped(self, reporter: Reporter) -> None:
         """On stop, give running handlers the grace to finish and report, then end the session."""
@@ -272,6 +276,13 @@ class Worker:
             if code == grpc.StatusCode.NOT_FOUND:
                 raise SessionLost("the dispatcher no longer knows this session")
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                fresh = self._metadata()
+                if code == grpc.StatusCode.UNAUTHENTICATED and fresh != metadata:
+                    # The token the stream was opened with expired, and a new one is at hand: the
+                    # same session goes on over a new stream, its running tasks untouched.
+                    metadata = fresh
+                    self.stats.reconnects += 1
+                    continue
                 # The token expired or its key was retired: register again with the token as it is now.
                 raise SessionLost(f"credentials refused ({code.name}: {await call.details()})")
             unavailable = 0 if heard[0] else unavailable + (code == grpc.StatusCode.UNAVAILABLE)

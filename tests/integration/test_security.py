@@ -9,6 +9,7 @@ certificate and key is made here, at test time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -48,10 +49,15 @@ class Pki:
     def keys(self) -> auth.KeySet:
         return auth.KeyFile(self.keys_path).keys
 
-    def token(self, principal: str, tenants: list[str], role: str = "worker", keys: auth.KeySet | None = None) -> str:
-        return auth.issue(
-            keys or self.keys, principal=principal, role=role, tenants=tenants, ttl=timedelta(hours=1), now=time.time()
-        )
+    def token(
+        self,
+        principal: str,
+        tenants: list[str],
+        role: str = "worker",
+        keys: auth.KeySet | None = None,
+        ttl: timedelta = timedelta(hours=1),
+    ) -> str:
+        return auth.issue(keys or self.keys, principal=principal, role=role, tenants=tenants, ttl=ttl, now=time.time())
 
     def worker_settings(self, **extra: Any) -> WorkerSettings:
         return WorkerSettings(tls_ca=self.ca.cert, **extra)
@@ -226,6 +232,47 @@ async def test_keys_rotate_without_restarting_the_dispatcher_or_the_worker(
     await stack.wait_workers_known(1)
     results = await run_echo(stack, 10)
     assert completed_by(results, "w-rotating") == 10
+
+
+async def test_a_stream_ends_when_its_token_expires_and_a_renewed_token_carries_the_same_session_on(
+    stack: Stack, pki: Pki, tmp_path: Path
+) -> None:
+    """A stream lives for hours; a token that expired (or was stolen and then expired) must not."""
+    await stack.start_scheduler()
+    dispatcher = await secure_dispatcher(stack, pki)
+    token_file = tmp_path / "worker.token"
+    token_file.write_text(pki.token("fleet-e", ["default"], ttl=timedelta(seconds=1)) + "\n")
+    worker = demo_worker(Stack.address(dispatcher), 4, "w-renewing", pki.worker_settings(token_file=token_file))
+    await stack.start_worker(dispatcher, "w-renewing", worker=worker)
+    await stack.wait_workers_known(1)
+    (session,) = list(dispatcher.sessions)
+    token_file.write_text(pki.token("fleet-e", ["default"]) + "\n")  # renewed, as a token agent would
+
+    async with pki.channel(dispatcher.port) as channel:
+        # Someone else's stream on a one-second token, never renewed: it ends when the token does
+        # (its expiry plus the 5 s leeway tokens are verified with).
+        short = bearer(pki.token("fleet-x", ["default"], ttl=timedelta(seconds=1)))
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        reply = await stub.Register(register_request("w-short"), metadata=short, timeout=5)
+        opened = time.monotonic()
+        call = stub.Session(metadata=short)
+        await call.write(worker_pb2.WorkerMessage(worker_id=reply.worker_id, session_id=reply.session_id))
+        async with asyncio.timeout(20):
+            while not call.done():
+                with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):  # ended meanwhile
+                    await call.write(worker_pb2.WorkerMessage())  # heartbeats: alive, but no longer entitled
+                await asyncio.sleep(0.5)
+        assert await call.code() == grpc.StatusCode.UNAUTHENTICATED, await call.details()
+        assert 3 < time.monotonic() - opened < 10
+        assert await register_code(channel, register_request("w-short"), short) == grpc.StatusCode.UNAUTHENTICATED
+
+    # The honest worker's stream ended the same way, and it went on with the token in its file: the
+    # same session (not registered again), taking and finishing work.
+    await eventually(lambda: worker.stats.reconnects >= 1, timeout=15)
+    assert worker.stats.registrations == 1
+    assert session.session_id in [s.session_id for s in dispatcher.sessions]
+    results = await run_echo(stack, 10)
+    assert completed_by(results, "w-renewing") == 10
 
 
 async def test_a_forged_state_with_seq_2_64_does_not_lock_the_dispatcher_out(stack: Stack) -> None:

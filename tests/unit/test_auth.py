@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from cryptography import x509
 
 from sluicegate import auth
 from sluicegate.errors import InvalidInput, PermissionDenied, Unauthenticated
@@ -33,7 +34,11 @@ def test_a_token_names_its_principal_role_and_tenants() -> None:
         keys, principal="fleet-a", role="worker", tenants=["acme", "beta"], ttl=timedelta(hours=1), now=NOW
     )
     principal = auth.verify(token, keys, now=NOW + 10)
-    assert principal == auth.Principal(name="fleet-a", role="worker", tenants=frozenset({"acme", "beta"}))
+    # Until its expiry and the leeway it was verified with: a stream opened with it ends then.
+    expires_at = NOW + 3600 + 5.0
+    assert principal == auth.Principal(
+        name="fleet-a", role="worker", tenants=frozenset({"acme", "beta"}), expires_at=expires_at
+    )
     assert principal.may_act_for("acme")
     assert not principal.may_act_for("other")
     assert jwt.get_unverified_header(token)["kid"] == "k1"
@@ -145,8 +150,10 @@ def test_bearer_metadata() -> None:
 def test_a_client_certificate_names_principal_tenants_and_role(tmp_path: Path) -> None:
     ca = make_ca(tmp_path)
     pem = ca.issue_client("fleet-b", tenants=["acme"]).cert_pem
-    assert auth.from_certificate(pem) == auth.Principal(
-        name="fleet-b", role="worker", tenants=frozenset({"acme"}), via="certificate"
+    principal = auth.from_certificate(pem)
+    ends = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    assert principal == auth.Principal(
+        name="fleet-b", role="worker", tenants=frozenset({"acme"}), via="certificate", expires_at=ends
     )
     op = ca.issue_client("ops", tenants=["*"], role="operator").cert_pem
     assert auth.from_certificate(op).role == "operator"

@@ -8,6 +8,7 @@ with a short reason, never the handler.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -69,13 +70,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._guarded(handler.stream_stream, method),
+                self._guarded(handler.stream_stream, method, streaming=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return _refuse_all(handler, method)
 
-    def _guarded(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _guarded(self, behavior: Callable[..., Any], method: str, *, streaming: bool = False) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 principal = self.authenticate(context.invocation_metadata(), context.auth_context())
@@ -88,11 +89,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
             token = auth.current.set(principal)
             try:
-                return await behavior(request, context)
+                if not streaming or principal.expires_at is None:
+                    return await behavior(request, context)
+                # A stream lives for hours: it must not outlive the credentials it was opened with.
+                return await self._until_expiry(behavior(request, context), principal.expires_at, context)
             finally:
                 auth.current.reset(token)
 
         return guarded
+
+    async def _until_expiry(
+        self, call: Awaitable[Any], expires_at: float, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        """Serve the stream until the credentials expire, then end it UNAUTHENTICATED.
+
+        The worker opens the stream again (the same session, its running tasks untouched) with the
+        token it holds by then; an expired or stolen token gets nothing more.
+        """
+        try:
+            async with asyncio.timeout(max(0.0, expires_at - self.wall_clock())):
+                return await call
+        except TimeoutError:
+            self.refused["unauthenticated"] += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credentials have expired; open the stream again")
 
 
 def _refuse_all(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
