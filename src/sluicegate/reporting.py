@@ -52,6 +52,8 @@ class Reporter:
         self.sent = 0
         self._leaving = False
         self.left = asyncio.Event()  # the dispatcher has been told this worker is shutting down
+        self._pong = 0  # the dispatcher's last probe of our reading, carried back by every message
+        self._answered = 0  # the last probe a message carried back
 
     async def report(self, event: worker_pb2.TaskEvent) -> int:
         """Send an event; returns the dispatcher's verdict on it (STALE if the session is lost)."""
@@ -83,17 +85,24 @@ class Reporter:
     async def pump(self, call: Any) -> None:
         """Write queued events to `call` as they come, and a heartbeat when nothing else went for a while."""
         while True:
-            if not self._queue:
+            if not self._queue and self._pong == self._answered:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._heartbeat):
                         await self._wake.wait()
             batch = self._take()
-            await call.write(worker_pb2.WorkerMessage(events=batch, leaving=self._leaving and not self._queue))
+            leaving, pong = self._leaving and not self._queue, self._pong
+            await call.write(worker_pb2.WorkerMessage(events=batch, leaving=leaving, pong=pong))
+            self._answered = pong
             self.sent += len(batch)
             if self._leaving and not self._queue:
                 self.left.set()
                 await asyncio.Event().wait()  # nothing more to say; the session ends from the worker's side
+
+    def pinged(self, number: int) -> None:
+        """The dispatcher probed our reading: answer at once (the answer is what proves we read)."""
+        self._pong = number
+        self._wake.set()
 
     def leave(self) -> None:
         """Tell the dispatcher, with the next message, that the worker is shutting down on purpose."""

@@ -194,6 +194,7 @@ class Worker:
                     slots=s.slots,
                     labels=self.labels,
                     action_options=self._options,
+                    answers_pings=True,
                 ),
                 timeout=10,
                 metadata=metadata,
@@ -304,6 +305,8 @@ class Worker:
 
     def _on_message(self, message: worker_pb2.ServerMessage, reporter: Reporter) -> None:
         reporter.answered(message.verdicts)
+        if message.ping:
+            reporter.pinged(message.ping)
         for control in message.controls:
             if control.kind == worker_pb2.Control.KIND_RECONNECT:
                 raise SessionLost(control.reason or "dispatcher asked to reconnect")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 
+import grpc
 import pytest
 
 from sluicegate.client import TaskSpec
 from sluicegate.reasons import Reason
-from sluicegate.v1 import messages_pb2
+from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 
 from .conftest import Stack, eventually
 
@@ -38,9 +40,14 @@ async def test_a_worker_that_stops_reading_only_slows_itself(stack: Stack, windo
     deaf = await stack.start_worker(dispatcher, "deaf", slots=128)
     await stack.wait_workers_known(5)
     client = await stack.client()
+    # A fleet that has run something: its host is out of probation (a cold one starts one task at a
+    # time until its first receipt, and the burst this test needs would come from a lane in steps).
+    warm = await client.submit_many([TaskSpec("echo", b"warm") for _ in range(10)])
+    await asyncio.gather(*(client.result(i, timeout=10) for i in warm))
+    received_before = deaf.stats.received
 
     async def go_deaf() -> None:
-        await eventually(lambda: deaf.stats.received >= 5, timeout=30, interval=0.001)
+        await eventually(lambda: deaf.stats.received >= received_before + 5, timeout=30, interval=0.001)
         deaf.stop_reading()
 
     staller = asyncio.create_task(go_deaf())
@@ -121,3 +128,67 @@ async def test_a_worker_killed_mid_task_has_its_tasks_completed_elsewhere(stack:
     assert all(r.history[-1].reason == Reason.WORKER_LOST.value for r in results)
     assert all(r.attempt == 2 for r in results)
     assert scheduler.stats.requeued[Reason.WORKER_LOST.value] == 4
+
+
+async def _acknowledge_then_stop_reading(address: str, holds: int, stop: asyncio.Event, held: asyncio.Event) -> int:
+    """A worker, speaking the protocol by hand, that reads and acknowledges `holds` assignments (and
+    answers the dispatcher's probes of its reading meanwhile), then never reads again and only
+    heartbeats: it holds what it acknowledged and its handlers never start. Returns the pings it answered."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        reply = await stub.Register(
+            worker_pb2.RegisterRequest(worker_id="deaf", actions=["echo"], slots=holds, answers_pings=True)
+        )
+        call = stub.Session()
+        await call.write(worker_pb2.WorkerMessage(worker_id="deaf", session_id=reply.session_id))
+        received, answered = 0, 0
+        while received < holds or not answered:
+            message = await call.read()
+            assert message is not grpc.aio.EOF
+            events = [
+                worker_pb2.TaskEvent(task_id=a.task.task_id, attempt=a.attempt, kind=worker_pb2.TaskEvent.KIND_RECEIVED)
+                for a in message.assignments
+            ]
+            received += len(events)
+            answered += bool(message.ping)
+            await call.write(worker_pb2.WorkerMessage(events=events, pong=message.ping))
+        held.set()
+        while not stop.is_set() and not call.done():  # alive, as far as heartbeats go
+            with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                await call.write(worker_pb2.WorkerMessage())
+            await asyncio.sleep(0.3)
+        call.cancel()
+        return answered
+
+
+async def test_a_worker_that_acknowledged_its_tasks_then_stopped_reading_is_lost_and_they_run_elsewhere(
+    stack: Stack,
+) -> None:
+    """Heartbeats are written, not read: a worker whose reading stalled after it acknowledged every
+    task it holds looked alive for ever, and those tasks never ran (they wait for answers it does
+    not read). Unanswered probes of its reading now lose it within the heartbeat timeout."""
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher(heartbeat_timeout="2s", heartbeat_interval="500ms")
+    client = await stack.client()
+    stop, held = asyncio.Event(), asyncio.Event()
+    deaf = asyncio.create_task(_acknowledge_then_stop_reading(Stack.address(dispatcher), 4, stop, held))
+    await eventually(lambda: sum(w.ready for w in scheduler.pool) >= 1, timeout=10)
+    ids = await client.submit_many([TaskSpec("echo", f"{i}".encode()) for i in range(4)])
+    await asyncio.wait_for(held.wait(), 10)
+    stopped_reading = time.monotonic()
+    await stack.start_worker(dispatcher, "healthy")
+
+    try:
+        results = [await client.result(i, timeout=20) for i in ids]
+    finally:
+        stop.set()
+        answered = await deaf
+    took = time.monotonic() - stopped_reading
+    print(f"\nheld by a worker that stopped reading: all 4 completed elsewhere {took:.1f} s later")
+    assert answered >= 1
+    (healthy,) = list(dispatcher.sessions)
+    assert healthy.answers_pings, "the SDK's workers say they answer probes"
+    assert all(r.status == COMPLETED and r.worker_id == "healthy" for r in results)
+    assert [r.output for r in results] == [f"{i}".encode() for i in range(4)]
+    assert scheduler.stats.requeued[Reason.WORKER_LOST.value] == 4
+    assert took < 2 + 3  # the heartbeat timeout, and room for a loaded machine

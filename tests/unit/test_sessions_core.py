@@ -601,3 +601,55 @@ def test_a_session_keeps_its_per_action_defaults() -> None:
     defaults.clear()
     assert list(session.action_options) == ["resize"]
     assert register(sessions, "w2").action_options == {}
+
+
+# Probes of a worker's reading.
+
+
+def probed(sessions: Sessions, worker_id: str = "w1", *, answers: bool = True) -> WorkerSession:
+    """A streaming session that holds a task, of a worker that says (or not) it answers probes."""
+    session, _ = sessions.register(
+        worker_id=worker_id, tenant="acme", actions=frozenset({"resize"}), labels={}, slots=2, now=0.0,
+        answers_pings=answers,
+    )  # fmt: skip
+    sessions.attach(session, object(), 0.0)
+    take(sessions, session, f"t-{worker_id}")
+    return session
+
+
+def test_a_session_holding_tasks_is_probed_and_the_next_probe_waits_for_the_answer() -> None:
+    sessions = Sessions()
+    s = probed(sessions, "w1")
+    streaming(sessions, "idle")  # holds nothing: not probed
+    probed(sessions, "old", answers=False)  # did not say it answers probes
+    assert [x.worker_id for x in sessions.to_ping(1.0, every=2.0)] == ["w1"]
+    assert (s.ping, s.ping_unanswered_since) == (1, 1.0)
+    assert sessions.to_ping(5.0, every=2.0) == [], "unanswered: no second probe"
+    sessions.ponged(s, 1)
+    assert s.ping_unanswered_since is None
+    assert sessions.to_ping(2.5, every=2.0) == [], "answered, but the next is due 2 s after the last"
+    assert [x.worker_id for x in sessions.to_ping(3.0, every=2.0)] == ["w1"]
+    assert s.ping == 2
+    sessions.ponged(s, 1)  # an old answer does not answer the new probe
+    assert s.ping_unanswered_since == 3.0
+
+
+def test_a_session_that_stops_reading_while_holding_tasks_is_lost_after_the_heartbeat_timeout() -> None:
+    sessions = Sessions()
+    s = probed(sessions, "w1")
+    sessions.to_ping(0.0, every=2.0)
+    sessions.ponged(s, 1)
+    sessions.to_ping(2.0, every=2.0)
+    for now in (3.0, 5.0, 7.0, 8.0):
+        sessions.seen(s, now)  # heartbeats keep coming: written, not read
+        assert lost_ids(sessions, now) == []
+    sessions.seen(s, 8.1)
+    assert lost_ids(sessions, 8.1) == ["w1"], "its probe of 2.0 went unanswered for more than 6 s"
+
+
+def test_a_worker_that_did_not_say_it_answers_probes_is_never_lost_for_them() -> None:
+    sessions = Sessions()
+    s = probed(sessions, "w1", answers=False)
+    assert sessions.to_ping(0.0, every=2.0) == []
+    sessions.seen(s, 9.0)
+    assert lost_ids(sessions, 9.0) == []

@@ -16,7 +16,7 @@ from sluicegate.errors import PublishError, Unroutable
 from sluicegate.reasons import Reason
 from sluicegate.v1 import messages_pb2
 from sluicegate.wire import now_ms
-from sluicegate_dispatcher.sessions import Sessions, WorkerSession
+from sluicegate_dispatcher.sessions import Sessions, WorkerSession, not_reading
 from sluicegate_dispatcher.settlement import Settler
 from sluicegate_dispatcher.stats import DispatcherStats
 
@@ -58,8 +58,17 @@ class Reaper:
                 log.info("worker %s left (shut down); requeueing %d leases", session.worker_id, len(session.leases))
                 await self.settler.lose(session, Reason.WORKER_LOST, "worker shut down")
                 continue
-            log.warning("worker %s lost; requeueing %d leases", session.worker_id, len(session.leases))
-            await self.settler.lose(session, Reason.WORKER_LOST, "worker stopped heartbeating or streaming")
+            if not_reading(session, now, self.heartbeat_timeout):
+                why = "worker does not read its stream"
+                if session.stream is not None:
+                    session.stream.end(f"{why}; reconnect")
+            else:
+                why = "worker stopped heartbeating or streaming"
+            log.warning("worker %s lost (%s); requeueing %d leases", session.worker_id, why, len(session.leases))
+            await self.settler.lose(session, Reason.WORKER_LOST, why)
+        for session in self.sessions.to_ping(now, self.heartbeat_timeout / 3):
+            if session.stream is not None:
+                session.stream.ping(session.ping)
         for lease in self.sessions.overdue_receipts(now):
             stream = lease.session.stream
             if stream is not None and not stream.ended.is_set():

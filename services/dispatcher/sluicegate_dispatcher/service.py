@@ -233,6 +233,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             now=self.clock(),
             action_options={a: _copied(o) for a, o in request.action_options.items()},
             principal=principal,
+            answers_pings=request.answers_pings,
         )
         if previous is not None:
             await self.settler.lose(previous, Reason.WORKER_REREGISTERED, "worker registered again")
@@ -277,6 +278,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             previous.end("replaced by a newer stream")
         self.forwarder.kick(session)  # what waited in its queue while it had no stream
         self.reports.retell(session)  # what it must stop, told again on the new stream
+        if session.ping_unanswered_since is not None:
+            stream.ping(session.ping)  # asked again on the new stream; its deadline stays
         failure: BaseException | None = None
         reader: asyncio.Task[None] | None = None
         ended: asyncio.Task[bool] | None = None
@@ -318,6 +321,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         else:
             self.admission.heartbeat(session.session_id, now)
         self.sessions.seen(session, now)
+        if message.pong:
+            self.sessions.ponged(session, message.pong)
         if message.leaving:
             session.leaving = True
         if message.events:

@@ -69,6 +69,12 @@ class WorkerSession:
     queued: int = 0
     leaving: bool = False  # the worker said it is shutting down: once its stream ends, the session ends
     principal: str = ""  # who stands behind it (the authenticated identity, else the peer's host)
+    # Probes of its reading, for a worker that said it answers them: the last sent, when (None:
+    # never), and since when it is unanswered (None: answered).
+    answers_pings: bool = False
+    ping: int = 0
+    pinged_at: float | None = None
+    ping_unanswered_since: float | None = None
 
     @property
     def streaming(self) -> bool:
@@ -90,6 +96,18 @@ class WorkerSession:
     @property
     def ready(self) -> bool:
         return self.streaming and not self.closed
+
+
+def not_reading(session: WorkerSession, now: float, timeout: float) -> bool:
+    """A session that answers probes of its reading has left one unanswered for `timeout`.
+
+    (Probes go only to workers that said they answer them; a lease that settles does not answer one.)
+
+    Its heartbeats may still come (they are written, not read): without this, the tasks it
+    acknowledged would be held for ever, their results unsent behind answers it never reads.
+    """
+    since = session.ping_unanswered_since
+    return session.answers_pings and since is not None and now - since > timeout
 
 
 class Sessions:
@@ -149,6 +167,7 @@ class Sessions:
         now: float,
         action_options: dict[str, Any] | None = None,
         principal: str = "",
+        answers_pings: bool = False,
     ) -> tuple[WorkerSession, WorkerSession | None]:
         """Open a new session; returns it and the session it supersedes, if the worker had one."""
         if not actions:
@@ -170,6 +189,7 @@ class Sessions:
             action_options=dict(action_options or {}),
             prefetch=min(slots, self._prefetch),
             principal=principal or worker_id,
+            answers_pings=answers_pings,
         )
         self._by_worker[worker_id] = session
         self._by_session[session.session_id] = session
@@ -255,7 +275,8 @@ class Sessions:
             session.stream_lost_at = now
 
     def lost(self, now: float, *, heartbeat_timeout: float, reconnect_grace: float) -> list[WorkerSession]:
-        """Sessions to give up on: silent too long, or whose stream dropped with no sign of life since.
+        """Sessions to give up on: silent too long, whose stream dropped with no sign of life since, or
+        that no longer read their stream.
 
         A session that never streamed holds no lease, so only silence loses it: under load its first
         stream may come later than the reconnect grace after Register.
@@ -266,7 +287,33 @@ class Sessions:
             if now - s.last_seen > heartbeat_timeout
             or (s.leaving and not s.streaming)
             or (s.streams_opened and s.stream_lost_at is not None and now - s.stream_lost_at > reconnect_grace)
+            or not_reading(s, now, heartbeat_timeout)
         ]
+
+    def to_ping(self, now: float, every: float) -> list[WorkerSession]:
+        """Sessions due a probe of their reading: streaming, holding tasks, `every` seconds after the last.
+
+        An idle stream is not probed (it holds nothing that could wait on it), so idle fleets cost nothing.
+        """
+        due = []
+        for s in self._by_session.values():
+            if (
+                s.answers_pings
+                and s.leases
+                and s.streaming
+                and s.ping_unanswered_since is None
+                and (s.pinged_at is None or now - s.pinged_at >= every)
+            ):
+                s.ping += 1
+                s.pinged_at = s.ping_unanswered_since = now
+                due.append(s)
+        return due
+
+    @staticmethod
+    def ponged(session: WorkerSession, pong: int) -> None:
+        """The worker read the probe `pong` (and every one before it)."""
+        if pong and pong >= session.ping:
+            session.ping_unanswered_since = None
 
     # Leases.
 

@@ -27,6 +27,7 @@ class WorkerStream:
         "_flusher",
         "_on_stall",
         "_permits",
+        "_ping",
         "_timeout",
         "_verdicts",
         "ended",
@@ -51,6 +52,7 @@ class WorkerStream:
         self._on_stall = on_stall  # called when a verdict flush could not get the lock in time
         self._verdicts: list[worker_pb2.EventVerdict] = []
         self._controls: list[worker_pb2.Control] = []
+        self._ping = 0  # a probe of the worker's reading, to go out with the next write
         self._flusher: asyncio.Task[None] | None = None
 
     def end(self, reason: str) -> None:
@@ -97,6 +99,8 @@ class WorkerStream:
         if self._controls:
             message.controls.extend(self._controls)
             self._controls = []
+        if self._ping:
+            message.ping, self._ping = self._ping, 0
         try:
             await self._context.write(message)
         except asyncio.CancelledError:
@@ -118,19 +122,26 @@ class WorkerStream:
         self._controls.extend(controls)
         self._kick()
 
+    def ping(self, number: int) -> None:
+        """Probe the worker's reading: `number` goes out with the next write, or on its own at once."""
+        if self.ended.is_set():
+            return
+        self._ping = number
+        self._kick()
+
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        while (self._verdicts or self._controls) and not self.ended.is_set():
+        while (self._verdicts or self._controls or self._ping) and not self.ended.is_set():
             try:
                 await self.lock.acquire(self._timeout)
             except LockTimeout:
                 self._on_stall(self)
                 return
             try:
-                if self._verdicts or self._controls:
+                if self._verdicts or self._controls or self._ping:
                     await self._write(worker_pb2.ServerMessage())
             except StreamBroken:
                 self.end("stream write failed; reconnect")

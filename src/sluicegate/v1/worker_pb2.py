@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sluicegate.v1 import messages_pb2 as sluicegate_dot_v1_dot_messages__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluicegate/v1/worker.proto\x12\rsluicegate.v1\x1a\x1csluicegate/v1/messages.proto\"\xde\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.sluicegate.v1.RegisterRequest.LabelsEntry\x12I\n\x0e\x61\x63tion_options\x18\x06 \x03(\x0b\x32\x31.sluicegate.v1.RegisterRequest.ActionOptionsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\x12\x41\x63tionOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.sluicegate.v1.ActionOptions:\x02\x38\x01\"o\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xa9\x01\n\x07\x43ontrol\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.sluicegate.v1.Control.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_CANCEL\x10\x01\x12\x12\n\x0eKIND_RECONNECT\x10\x02\"\x98\x01\n\rServerMessage\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\x12(\n\x08\x63ontrols\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Control\x12-\n\x08verdicts\x18\x03 \x03(\x0b\x32\x1b.sluicegate.v1.EventVerdict\"\xbe\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.sluicegate.v1.TaskEvent.Kind\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\x12\x11\n\textend_ms\x18\x08 \x01(\r\"\x8d\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_RECEIVED\x10\x01\x12\x10\n\x0cKIND_STARTED\x10\x02\x12\x12\n\x0eKIND_COMPLETED\x10\x03\x12\x0f\n\x0bKIND_FAILED\x10\x04\x12\x12\n\x0eKIND_CANCELLED\x10\x05\x12\x11\n\rKIND_PROGRESS\x10\x06\"q\n\rWorkerMessage\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x18.sluicegate.v1.TaskEvent\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\"\xc8\x01\n\x0c\x45ventVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x34\n\x07verdict\x18\x03 \x01(\x0e\x32#.sluicegate.v1.EventVerdict.Verdict\"`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ACCEPTED\x10\x01\x12\x11\n\rVERDICT_STALE\x10\x02\x12\x13\n\x0fVERDICT_INVALID\x10\x03\x32\xa7\x01\n\rWorkerService\x12K\n\x08Register\x12\x1e.sluicegate.v1.RegisterRequest\x1a\x1f.sluicegate.v1.RegisterResponse\x12I\n\x07Session\x12\x1c.sluicegate.v1.WorkerMessage\x1a\x1c.sluicegate.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluicegate/v1/worker.proto\x12\rsluicegate.v1\x1a\x1csluicegate/v1/messages.proto\"\xf5\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.sluicegate.v1.RegisterRequest.LabelsEntry\x12I\n\x0e\x61\x63tion_options\x18\x06 \x03(\x0b\x32\x31.sluicegate.v1.RegisterRequest.ActionOptionsEntry\x12\x15\n\ranswers_pings\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\x12\x41\x63tionOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.sluicegate.v1.ActionOptions:\x02\x38\x01\"o\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\xa9\x01\n\x07\x43ontrol\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.sluicegate.v1.Control.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_CANCEL\x10\x01\x12\x12\n\x0eKIND_RECONNECT\x10\x02\"\xa6\x01\n\rServerMessage\x12.\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x19.sluicegate.v1.Assignment\x12(\n\x08\x63ontrols\x18\x02 \x03(\x0b\x32\x16.sluicegate.v1.Control\x12-\n\x08verdicts\x18\x03 \x03(\x0b\x32\x1b.sluicegate.v1.EventVerdict\x12\x0c\n\x04ping\x18\x04 \x01(\x04\"\xbe\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.sluicegate.v1.TaskEvent.Kind\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tretryable\x18\x06 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x07 \x01(\x03\x12\x11\n\textend_ms\x18\x08 \x01(\r\"\x8d\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_RECEIVED\x10\x01\x12\x10\n\x0cKIND_STARTED\x10\x02\x12\x12\n\x0eKIND_COMPLETED\x10\x03\x12\x0f\n\x0bKIND_FAILED\x10\x04\x12\x12\n\x0eKIND_CANCELLED\x10\x05\x12\x11\n\rKIND_PROGRESS\x10\x06\"\x7f\n\rWorkerMessage\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x18.sluicegate.v1.TaskEvent\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\x12\x0c\n\x04pong\x18\x05 \x01(\x04\"\xc8\x01\n\x0c\x45ventVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x34\n\x07verdict\x18\x03 \x01(\x0e\x32#.sluicegate.v1.EventVerdict.Verdict\"`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ACCEPTED\x10\x01\x12\x11\n\rVERDICT_STALE\x10\x02\x12\x13\n\x0fVERDICT_INVALID\x10\x03\x32\xa7\x01\n\rWorkerService\x12K\n\x08Register\x12\x1e.sluicegate.v1.RegisterRequest\x1a\x1f.sluicegate.v1.RegisterResponse\x12I\n\x07Session\x12\x1c.sluicegate.v1.WorkerMessage\x1a\x1c.sluicegate.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._loaded_options = None
   _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=76
-  _globals['_REGISTERREQUEST']._serialized_end=426
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=297
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=342
-  _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_start=344
-  _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_end=426
-  _globals['_REGISTERRESPONSE']._serialized_start=428
-  _globals['_REGISTERRESPONSE']._serialized_end=539
-  _globals['_CONTROL']._serialized_start=542
-  _globals['_CONTROL']._serialized_end=711
-  _globals['_CONTROL_KIND']._serialized_start=646
-  _globals['_CONTROL_KIND']._serialized_end=711
-  _globals['_SERVERMESSAGE']._serialized_start=714
-  _globals['_SERVERMESSAGE']._serialized_end=866
-  _globals['_TASKEVENT']._serialized_start=869
-  _globals['_TASKEVENT']._serialized_end=1187
-  _globals['_TASKEVENT_KIND']._serialized_start=1046
-  _globals['_TASKEVENT_KIND']._serialized_end=1187
-  _globals['_WORKERMESSAGE']._serialized_start=1189
-  _globals['_WORKERMESSAGE']._serialized_end=1302
-  _globals['_EVENTVERDICT']._serialized_start=1305
-  _globals['_EVENTVERDICT']._serialized_end=1505
-  _globals['_EVENTVERDICT_VERDICT']._serialized_start=1409
-  _globals['_EVENTVERDICT_VERDICT']._serialized_end=1505
-  _globals['_WORKERSERVICE']._serialized_start=1508
-  _globals['_WORKERSERVICE']._serialized_end=1675
+  _globals['_REGISTERREQUEST']._serialized_end=449
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=320
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=365
+  _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_start=367
+  _globals['_REGISTERREQUEST_ACTIONOPTIONSENTRY']._serialized_end=449
+  _globals['_REGISTERRESPONSE']._serialized_start=451
+  _globals['_REGISTERRESPONSE']._serialized_end=562
+  _globals['_CONTROL']._serialized_start=565
+  _globals['_CONTROL']._serialized_end=734
+  _globals['_CONTROL_KIND']._serialized_start=669
+  _globals['_CONTROL_KIND']._serialized_end=734
+  _globals['_SERVERMESSAGE']._serialized_start=737
+  _globals['_SERVERMESSAGE']._serialized_end=903
+  _globals['_TASKEVENT']._serialized_start=906
+  _globals['_TASKEVENT']._serialized_end=1224
+  _globals['_TASKEVENT_KIND']._serialized_start=1083
+  _globals['_TASKEVENT_KIND']._serialized_end=1224
+  _globals['_WORKERMESSAGE']._serialized_start=1226
+  _globals['_WORKERMESSAGE']._serialized_end=1353
+  _globals['_EVENTVERDICT']._serialized_start=1356
+  _globals['_EVENTVERDICT']._serialized_end=1556
+  _globals['_EVENTVERDICT_VERDICT']._serialized_start=1460
+  _globals['_EVENTVERDICT_VERDICT']._serialized_end=1556
+  _globals['_WORKERSERVICE']._serialized_start=1559
+  _globals['_WORKERSERVICE']._serialized_end=1726
 # @@protoc_insertion_point(module_scope)

@@ -71,10 +71,15 @@ class RegisterRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ACTION_OPTIONS_FIELD_NUMBER: _builtins.int
+    ANSWERS_PINGS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """stable name chosen by the worker; empty = let the dispatcher choose"""
     tenant: _builtins.str
     slots: _builtins.int
+    answers_pings: _builtins.bool
+    """It answers the dispatcher's probes of its reading (ServerMessage.ping): holding tasks, it is
+    lost when one goes unanswered for the heartbeat timeout.
+    """
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -92,10 +97,11 @@ class RegisterRequest(_message.Message):
         slots: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         action_options: _abc.Mapping[_builtins.str, _messages_pb2.ActionOptions] | None = ...,
+        answers_pings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_options", b"action_options", "actions", b"actions", "labels", b"labels", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_options", b"action_options", "actions", b"actions", "answers_pings", b"answers_pings", "labels", b"labels", "slots", b"slots", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,6 +189,13 @@ class ServerMessage(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
     VERDICTS_FIELD_NUMBER: _builtins.int
+    PING_FIELD_NUMBER: _builtins.int
+    ping: _builtins.int
+    """A probe of the worker's reading, sent while it holds tasks: its next message carries it back as
+    `pong`. A worker that said it answers them and leaves one unanswered for the heartbeat timeout
+    does not read its stream (the answers its tasks wait for pile up unread): it is lost, and its
+    tasks go on elsewhere.
+    """
     @_builtins.property
     def assignments(self) -> _containers.RepeatedCompositeFieldContainer[_messages_pb2.Assignment]: ...
     @_builtins.property
@@ -197,10 +210,11 @@ class ServerMessage(_message.Message):
         assignments: _abc.Iterable[_messages_pb2.Assignment] | None = ...,
         controls: _abc.Iterable[Global___Control] | None = ...,
         verdicts: _abc.Iterable[Global___EventVerdict] | None = ...,
+        ping: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "controls", b"controls", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "controls", b"controls", "ping", b"ping", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,12 +305,15 @@ class WorkerMessage(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     LEAVING_FIELD_NUMBER: _builtins.int
+    PONG_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """first message only"""
     session_id: _builtins.str
     """first message only"""
     leaving: _builtins.bool
     """the worker is shutting down on purpose: end the session with its stream"""
+    pong: _builtins.int
+    """the last `ping` the worker read"""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]: ...
     def __init__(
@@ -306,10 +323,11 @@ class WorkerMessage(_message.Message):
         session_id: _builtins.str = ...,
         events: _abc.Iterable[Global___TaskEvent] | None = ...,
         leaving: _builtins.bool = ...,
+        pong: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "leaving", b"leaving", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "leaving", b"leaving", "pong", b"pong", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
