@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,7 +55,7 @@ async def test_undecodable_bodies_answer_invalid_argument_without_internals_and_
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     dispatcher = await stack.start_dispatcher()
-    rng = __import__("random").Random(5)
+    rng = random.Random(5)
     bodies = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))) for _ in range(500)]
     bodies += [b"\x0a\x02\xc3\x28"] * 500  # worker_id holding bad UTF-8
     codes: list[grpc.StatusCode] = []
@@ -78,6 +79,40 @@ async def test_undecodable_bodies_answer_invalid_argument_without_internals_and_
     assert dispatcher.servicer.undecodable.total >= 990
     worker = await stack.start_worker(dispatcher, "after-the-fuzz", worker=_honest(stack.address(dispatcher)))
     assert worker.registered.is_set()
+
+
+async def test_a_flood_of_undecodable_requests_leaves_honest_tasks_p99_within_twice_a_quiet_run(stack: Stack) -> None:
+    await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher()
+    await stack.start_worker(dispatcher, "honest", worker=_honest(stack.address(dispatcher)))
+    await stack.wait_workers_known(1)
+    quiet, _ = await _quiet_p99(stack, 600)
+    rng = random.Random(7)
+    bodies = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))) for _ in range(100)]
+    codes: list[grpc.StatusCode] = []
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(stack.address(dispatcher)) as channel:
+
+        async def flood() -> None:  # a hundred at a time, for as long as the honest run lasts
+            while not done.is_set():
+                codes.extend(await asyncio.gather(*(_raw_register(channel, b) for b in bodies)))
+
+        attacker = asyncio.create_task(flood())
+        started = loop.time()
+        try:
+            attacked, dead = await _quiet_p99(stack, 600)
+        finally:
+            done.set()
+            await attacker
+        rate = len(codes) / (loop.time() - started)
+    print(
+        f"\nhonest p99 {quiet * 1000:.0f} ms quiet, {attacked * 1000:.0f} ms beside {rate:.0f} undecodable requests/s"
+    )
+    assert len(codes) >= 500, "the flood went on for the whole honest run"
+    assert set(codes) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK}
+    assert dead == 0
+    assert attacked <= 2 * quiet + 0.05, (quiet, attacked)  # 50 ms for the noise of a 2-core machine
 
 
 async def test_limits_answer_resource_exhausted_and_an_oversized_report_is_refused_before_it_is_applied(

@@ -82,6 +82,19 @@ async def secure_dispatcher(stack: Stack, pki: Pki, **extra: Any) -> Dispatcher:
     return await stack.start_dispatcher(**settings)
 
 
+async def worker_on_token_file(
+    stack: Stack, pki: Pki, token_file: Path, principal: str, ttl: timedelta = timedelta(hours=1)
+) -> tuple[Dispatcher, Worker, Path]:
+    """A scheduler, a TLS dispatcher taking tokens, and worker `w-<principal>` whose token is read from `token_file`."""
+    await stack.start_scheduler()
+    dispatcher = await secure_dispatcher(stack, pki)
+    token_file.write_text(pki.token(principal, ["default"], ttl=ttl) + "\n")  # noqa: ASYNC240 - before anything runs
+    worker_id = f"w-{principal}"
+    worker = demo_worker(Stack.address(dispatcher), 4, worker_id, pki.worker_settings(token_file=token_file))
+    await stack.start_worker(dispatcher, worker_id, worker=worker)
+    return dispatcher, worker, token_file
+
+
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -205,12 +218,7 @@ async def test_mtls_the_client_certificate_names_the_worker(stack: Stack, pki: P
 async def test_keys_rotate_without_restarting_the_dispatcher_or_the_worker(
     stack: Stack, pki: Pki, tmp_path: Path
 ) -> None:
-    await stack.start_scheduler()
-    dispatcher = await secure_dispatcher(stack, pki)
-    token_file = tmp_path / "worker.token"
-    token_file.write_text(pki.token("fleet-r", ["default"]) + "\n")
-    worker: Worker = demo_worker(Stack.address(dispatcher), 4, "w-rotating", pki.worker_settings(token_file=token_file))
-    await stack.start_worker(dispatcher, "w-rotating", worker=worker)
+    dispatcher, worker, token_file = await worker_on_token_file(stack, pki, tmp_path / "worker.token", "fleet-r")
     old = pki.keys
 
     # Rotate: a new key, the worker's token re-issued with it, the old key retired.
@@ -231,19 +239,15 @@ async def test_keys_rotate_without_restarting_the_dispatcher_or_the_worker(
     await eventually(lambda: worker.stats.registrations == 2, timeout=15)
     await stack.wait_workers_known(1)
     results = await run_echo(stack, 10)
-    assert completed_by(results, "w-rotating") == 10
+    assert completed_by(results, "w-fleet-r") == 10
 
 
 async def test_a_stream_ends_when_its_token_expires_and_a_renewed_token_carries_the_same_session_on(
     stack: Stack, pki: Pki, tmp_path: Path
 ) -> None:
     """A stream lives for hours; a token that expired (or was stolen and then expired) must not."""
-    await stack.start_scheduler()
-    dispatcher = await secure_dispatcher(stack, pki)
-    token_file = tmp_path / "worker.token"
-    token_file.write_text(pki.token("fleet-e", ["default"], ttl=timedelta(seconds=1)) + "\n")
-    worker = demo_worker(Stack.address(dispatcher), 4, "w-renewing", pki.worker_settings(token_file=token_file))
-    await stack.start_worker(dispatcher, "w-renewing", worker=worker)
+    short = timedelta(seconds=1)
+    dispatcher, worker, token_file = await worker_on_token_file(stack, pki, tmp_path / "worker.token", "fleet-e", short)
     await stack.wait_workers_known(1)
     (session,) = list(dispatcher.sessions)
     token_file.write_text(pki.token("fleet-e", ["default"]) + "\n")  # renewed, as a token agent would
@@ -251,11 +255,11 @@ async def test_a_stream_ends_when_its_token_expires_and_a_renewed_token_carries_
     async with pki.channel(dispatcher.port) as channel:
         # Someone else's stream on a one-second token, never renewed: it ends when the token does
         # (its expiry plus the 5 s leeway tokens are verified with).
-        short = bearer(pki.token("fleet-x", ["default"], ttl=timedelta(seconds=1)))
+        short_lived = bearer(pki.token("fleet-x", ["default"], ttl=short))
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        reply = await stub.Register(register_request("w-short"), metadata=short, timeout=5)
+        reply = await stub.Register(register_request("w-short"), metadata=short_lived, timeout=5)
         opened = time.monotonic()
-        call = stub.Session(metadata=short)
+        call = stub.Session(metadata=short_lived)
         await call.write(worker_pb2.WorkerMessage(worker_id=reply.worker_id, session_id=reply.session_id))
         async with asyncio.timeout(20):
             while not call.done():
@@ -264,7 +268,7 @@ async def test_a_stream_ends_when_its_token_expires_and_a_renewed_token_carries_
                 await asyncio.sleep(0.5)
         assert await call.code() == grpc.StatusCode.UNAUTHENTICATED, await call.details()
         assert 3 < time.monotonic() - opened < 10
-        assert await register_code(channel, register_request("w-short"), short) == grpc.StatusCode.UNAUTHENTICATED
+        assert await register_code(channel, register_request("w-short"), short_lived) == grpc.StatusCode.UNAUTHENTICATED
 
     # The honest worker's stream ended the same way, and it went on with the token in its file: the
     # same session (not registered again), taking and finishing work.
@@ -272,7 +276,7 @@ async def test_a_stream_ends_when_its_token_expires_and_a_renewed_token_carries_
     assert worker.stats.registrations == 1
     assert session.session_id in [s.session_id for s in dispatcher.sessions]
     results = await run_echo(stack, 10)
-    assert completed_by(results, "w-renewing") == 10
+    assert completed_by(results, "w-fleet-e") == 10
 
 
 async def test_a_forged_state_with_seq_2_64_does_not_lock_the_dispatcher_out(stack: Stack) -> None:
