@@ -64,7 +64,8 @@ def permissions(prefix: str) -> dict[str, tuple[str, str, str]]:
         user_of("client"): (
             rf"^{p}\.({PART}(tasks|tasks\.unrouted|requeue)|assign|events|dead|control|cancels|results\.{CLIENT_ID})$",
             rf"^({p}\.({PART}tasks|cancels|results\.{CLIENT_ID})|amq\.default)$",
-            rf"^{p}\.({PART}tasks\.unrouted|events|results\.{CLIENT_ID})$",
+            # No read on tasks.unrouted: binding there would show it other tenants' first tasks.
+            rf"^{p}\.(events|results\.{CLIENT_ID})$",
         ),
     }
 

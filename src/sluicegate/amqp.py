@@ -239,7 +239,9 @@ class Exchanges:
         self.control: AbstractExchange
         self.default: AbstractExchange  # the channel's default exchange: straight to a queue by its name
 
-    async def declare(self, channel: AbstractChannel, *, service_queues: bool = True) -> Exchanges:
+    async def declare(
+        self, channel: AbstractChannel, *, service_queues: bool = True, tasks_queue: bool = True
+    ) -> Exchanges:
         """Declare the topology once; a robust channel is not told to declare it again after a reconnect.
 
         Everything here is durable (and the queues replicated), so it outlives any connection;
@@ -266,14 +268,30 @@ class Exchanges:
         # The durable queues that must exist before anything is published to them, so that a
         # submit before the scheduler ever ran is kept, not returned.
         # A client (`service_queues=False`) needs only the first: its broker user may not read
-        # `requeue` or `dead`, which carry every tenant's tasks.
+        # `requeue` or `dead`, which carry every tenant's tasks. Where the first exists already
+        # (`tasks_queue=False`), a client does not bind it again: binding needs read on
+        # `tasks.unrouted`, which would let a client bind a queue of its own there too.
         sac = quorum(**{"x-single-active-consumer": True})
-        await declare_bound_queue(channel, self.unrouted, t.tasks, sac, restore=False)
+        if tasks_queue:
+            await declare_bound_queue(channel, self.unrouted, t.tasks, sac, restore=False)
         if service_queues:
             await declare_bound_queue(channel, self.requeue, t.requeue, sac, restore=False)
             await declare_bound_queue(channel, self.dead, t.dead, quorum(), restore=False)
         await declare_cancels(channel, t)
         return self
+
+
+async def queue_exists(connection: AbstractConnection, name: str) -> bool:
+    """Whether the broker has the queue (a passive declare, on a channel of its own: a miss closes it)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return True
 
 
 async def declare_lifecycle_queue(channel: AbstractChannel, topology: Topology) -> AbstractQueue:

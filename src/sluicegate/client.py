@@ -13,14 +13,21 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from google.protobuf.message import DecodeError
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind
 
 from sluicegate import amqp, telemetry
 from sluicegate.batching import GroupCommit
-from sluicegate.errors import InvalidInput, TaskFailed, TaskPending
+from sluicegate.errors import BrokerRefused, InvalidInput, TaskFailed, TaskPending
 from sluicegate.retry import RetryPolicy
 from sluicegate.retry import stamp as stamp_retry
 from sluicegate.settings import BrokerSettings, load
@@ -160,13 +167,11 @@ class Client:
     async def connect(self) -> None:
         self._connection = await amqp.connect_broker(self.broker)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchanges = await amqp.Exchanges(self.topology).declare(channel, service_queues=False)
-        self._tasks = exchanges.tasks
         # With partitions, each has a `tasks` exchange of its own; a tenant's tasks go to its partition's.
-        self._partition_tasks = [self._tasks] + [
-            (await amqp.Exchanges(self.topology.of_partition(k)).declare(channel, service_queues=False)).tasks
-            for k in range(1, self.broker.partitions)
+        self._partition_tasks = [
+            await self._declare(channel, self.topology.of_partition(k)) for k in range(self.broker.partitions)
         ]
+        self._tasks = self._partition_tasks[0]
         self._default = channel.default_exchange
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=1000)
@@ -199,6 +204,29 @@ class Client:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.cancel()
+
+    async def _declare(self, channel: AbstractChannel, topology: amqp.Topology) -> AbstractExchange:
+        """A partition's exchanges, and its `tasks` queue where no scheduler (or client) made it yet.
+
+        The queue is bound only where it is missing: with the client's broker user (which may not
+        read `tasks.unrouted`, see deploy/rabbitmq/definitions.json) that fails, and the client
+        says to start a scheduler first; a user with every right makes it, and a submit before
+        any scheduler ran is kept.
+        """
+        assert self._connection is not None
+        exists = await amqp.queue_exists(self._connection, topology.tasks)
+        try:
+            return (await amqp.Exchanges(topology).declare(channel, service_queues=False, tasks_queue=not exists)).tasks
+        except aiormq.exceptions.ChannelAccessRefused:
+            if not exists:  # declared, then refused the binding: leave no unbound queue behind
+                with contextlib.suppress(Exception):
+                    cleanup = await self._connection.channel()
+                    await cleanup.queue_delete(topology.tasks)
+                    await cleanup.close()
+            raise BrokerRefused(
+                f"the broker has no queue {topology.tasks!r} yet and this user may not make it: "
+                "start a scheduler first (it declares the task queues)"
+            ) from None
 
     async def _leave_results_queue(self, queue: AbstractQueue) -> None:
         """Stop consuming, unbind, let results already routed here land, then delete the queue.

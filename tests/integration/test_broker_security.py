@@ -22,6 +22,7 @@ import pytest
 from sluicegate import amqp
 from sluicegate.cli import demo_worker
 from sluicegate.client import Client
+from sluicegate.errors import BrokerRefused
 from sluicegate.settings import BrokerSettings
 from sluicegate.v1 import messages_pb2
 from sluicegate_dispatcher.app import Dispatcher
@@ -116,6 +117,7 @@ async def test_roles_over_amqps_and_what_a_client_user_cannot_do(node: Node) -> 
             assert await refused(bind("sluicegate.events", "result.#"))
             assert await refused(bind("sluicegate.dead", ""))
             assert await refused(bind("sluicegate.requeue", ""))
+            assert await refused(bind("sluicegate.tasks.unrouted", ""))  # other tenants' first tasks
             await bind("sluicegate.events", f"result.{uuid.uuid4().hex}")  # its own results: allowed
 
             async def publish(key: str, exchange: str = "sluicegate.events", **properties: Any) -> None:
@@ -195,3 +197,20 @@ async def test_each_role_user_may_use_every_scheduler_partition(node: Node) -> N
         results = [await client.result(task_id, timeout=60) for task_id in ids]
         assert all(r.status == messages_pb2.TASK_STATUS_COMPLETED for r in results)
         assert all(s.stats.assigned > 0 for s in schedulers), "both partitions scheduled"
+
+
+async def test_a_client_user_before_any_scheduler_ran_is_told_to_start_one_and_leaves_nothing_behind(
+    node: Node,
+) -> None:
+    """A client may not bind the task queue (that would need read on `tasks.unrouted`, where it could
+    bind a queue of its own and see other tenants' first tasks): where no scheduler made it yet, the
+    client says so, and leaves no unbound queue for the next one to trust."""
+    for _ in range(2):  # the second try meets the same answer: nothing was left half made
+        with pytest.raises(BrokerRefused) as refusal:
+            async with Client(node.settings("sluicegate-client")):
+                pass
+        assert "no queue 'sluicegate.tasks' yet" in str(refusal.value)
+        assert "start a scheduler first" in str(refusal.value)
+    admin = await aio_pika.connect(f"amqp://sluicegate:sluicegate@127.0.0.1:{node.broker.port}/")
+    async with admin:
+        assert not await amqp.queue_exists(admin, "sluicegate.tasks")
