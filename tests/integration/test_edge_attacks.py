@@ -19,7 +19,7 @@ import pytest
 from sluicegate import amqp
 from sluicegate.client import TaskSpec
 from sluicegate.reasons import Reason
-from sluicegate.v1 import messages_pb2, worker_pb2
+from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.worker import TaskContext, Worker
 
 from .conftest import Stack, eventually
@@ -120,11 +120,7 @@ async def test_limits_answer_resource_exhausted_and_an_oversized_report_is_refus
 ) -> None:
     dispatcher = await stack.start_dispatcher(max_sessions_per_principal=3, max_events_per_message=1000)
     async with grpc.aio.insecure_channel(stack.address(dispatcher)) as channel:
-        register = channel.unary_unary(
-            REGISTER,
-            request_serializer=worker_pb2.RegisterRequest.SerializeToString,
-            response_deserializer=worker_pb2.RegisterResponse.FromString,
-        )
+        register = worker_pb2_grpc.WorkerServiceStub(channel).Register
         huge = worker_pb2.RegisterRequest(actions=[f"a{i:03d}" + "x" * 124 for i in range(256)], slots=1)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await register(huge)
@@ -138,11 +134,7 @@ async def test_limits_answer_resource_exhausted_and_an_oversized_report_is_refus
         assert "sessions per principal" in (caught.value.details() or "")
 
         first = replies[0]
-        stream = channel.stream_stream(
-            SESSION,
-            request_serializer=worker_pb2.WorkerMessage.SerializeToString,
-            response_deserializer=worker_pb2.ServerMessage.FromString,
-        )
+        stream = worker_pb2_grpc.WorkerServiceStub(channel).Session
         call = stream()
         await call.write(worker_pb2.WorkerMessage(worker_id=first.worker_id, session_id=first.session_id))
         events = [
@@ -158,11 +150,7 @@ async def test_limits_answer_resource_exhausted_and_an_oversized_report_is_refus
 async def test_a_heartbeat_flood_ends_the_stream_with_resource_exhausted(stack: Stack) -> None:
     dispatcher = await stack.start_dispatcher(heartbeat_rate=5, heartbeat_burst=10)
     async with grpc.aio.insecure_channel(stack.address(dispatcher)) as channel:
-        register = channel.unary_unary(
-            REGISTER,
-            request_serializer=worker_pb2.RegisterRequest.SerializeToString,
-            response_deserializer=worker_pb2.RegisterResponse.FromString,
-        )
+        register = worker_pb2_grpc.WorkerServiceStub(channel).Register
         reply = await register(worker_pb2.RegisterRequest(actions=["work"], slots=1))
 
         async def flood() -> AsyncIterator[worker_pb2.WorkerMessage]:
@@ -195,11 +183,7 @@ async def test_oversized_registrations_from_300_sessions_do_not_slow_honest_task
     await stack.wait_workers_known(1)
     quiet, _ = await _quiet_p99(stack)
     async with grpc.aio.insecure_channel(stack.address(dispatcher)) as channel:
-        register = channel.unary_unary(
-            REGISTER,
-            request_serializer=worker_pb2.RegisterRequest.SerializeToString,
-            response_deserializer=worker_pb2.RegisterResponse.FromString,
-        )
+        register = worker_pb2_grpc.WorkerServiceStub(channel).Register
         actions = [f"a{i:03d}" + "x" * 124 for i in range(256)]
 
         async def attack() -> grpc.StatusCode:
@@ -239,16 +223,8 @@ def _principal_from_metadata(context: Any) -> str:
 async def _never_acknowledging(channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
     """Registers, reads its stream, heartbeats, never acknowledges; registers again whenever it is dropped."""
     metadata = (("x-test-principal", "mallory"),)
-    register = channel.unary_unary(
-        REGISTER,
-        request_serializer=worker_pb2.RegisterRequest.SerializeToString,
-        response_deserializer=worker_pb2.RegisterResponse.FromString,
-    )
-    session = channel.stream_stream(
-        SESSION,
-        request_serializer=worker_pb2.WorkerMessage.SerializeToString,
-        response_deserializer=worker_pb2.ServerMessage.FromString,
-    )
+    register = worker_pb2_grpc.WorkerServiceStub(channel).Register
+    session = worker_pb2_grpc.WorkerServiceStub(channel).Session
     while not stop.is_set():
         try:
             reply = await register(worker_pb2.RegisterRequest(actions=["work"], slots=8), metadata=metadata)

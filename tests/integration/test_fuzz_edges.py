@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sluicegate import amqp
 from sluicegate.client import Client
-from sluicegate.v1 import messages_pb2, worker_pb2
+from sluicegate.v1 import messages_pb2, worker_pb2, worker_pb2_grpc
 from sluicegate.worker import TaskContext, Worker
 from sluicegate_dispatcher.app import Dispatcher
 
@@ -95,11 +95,7 @@ async def test_fuzzed_session_streams_answer_only_documented_codes(
     await stack.start_scheduler()
     dispatcher = await stack.start_dispatcher(register_rate=0, heartbeat_rate=0)
     async with grpc.aio.insecure_channel(stack.address(dispatcher)) as channel:
-        register = channel.unary_unary(
-            REGISTER,
-            request_serializer=worker_pb2.RegisterRequest.SerializeToString,
-            response_deserializer=worker_pb2.RegisterResponse.FromString,
-        )
+        register = worker_pb2_grpc.WorkerServiceStub(channel).Register
         session = channel.stream_stream(SESSION, request_serializer=None, response_deserializer=None)
 
         async def check(case: tuple[bool, list[bytes]]) -> None:

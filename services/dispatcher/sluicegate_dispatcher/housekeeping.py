@@ -42,6 +42,8 @@ class Reaper:
         self._sweep = sweep  # cancellations past their grace, attempts past their run deadline
         self.heartbeat_timeout, self.reconnect_grace = heartbeat_timeout, reconnect_grace
         self.clock, self.every = clock, every
+        self.ping_every = heartbeat_timeout / 3  # a probe of a worker's reading, while it holds tasks
+        self._probed_at = float("-inf")  # the last pass over the sessions for probes due
 
     async def run(self) -> None:
         while True:
@@ -66,9 +68,11 @@ class Reaper:
                 why = "worker stopped heartbeating or streaming"
             log.warning("worker %s lost (%s); requeueing %d leases", session.worker_id, why, len(session.leases))
             await self.settler.lose(session, Reason.WORKER_LOST, why)
-        for session in self.sessions.to_ping(now, self.heartbeat_timeout / 3):
-            if session.stream is not None:
-                session.stream.ping(session.ping)
+        if now - self._probed_at >= self.ping_every / 4:  # not every sweep: probes are seconds apart
+            self._probed_at = now
+            for session in self.sessions.to_ping(now, self.ping_every):
+                if session.stream is not None:
+                    session.stream.ping(session.ping)
         for lease in self.sessions.overdue_receipts(now):
             stream = lease.session.stream
             if stream is not None and not stream.ended.is_set():

@@ -9,10 +9,8 @@ duplicates, never a gap.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from google.protobuf.message import DecodeError
 
@@ -49,23 +47,10 @@ class Registry:
                     records[record.queue] = record
             except DecodeError:
                 log.warning("ignoring a registry record that does not decode")
-        alive = [r for r in records.values() if await exists(connection, r.queue)]
+        alive = [r for r in records.values() if await amqp.queue_exists(connection, r.queue)]
         if messages:
             await self._write(alive)
             await messages[-1].ack(multiple=True)
         if len(alive) < len(records):
             log.info("registry: %d queues gone since they were recorded", len(records) - len(alive))
         return alive
-
-
-async def exists(connection: AbstractConnection, name: str) -> bool:
-    """Whether a queue exists (a passive declare on a channel of its own: a miss closes the channel)."""
-    channel = await connection.channel()
-    try:
-        await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await channel.close()
-    return True
