@@ -192,3 +192,54 @@ async def test_a_worker_that_acknowledged_its_tasks_then_stopped_reading_is_lost
     assert [r.output for r in results] == [f"{i}".encode() for i in range(4)]
     assert scheduler.stats.requeued[Reason.WORKER_LOST.value] == 4
     assert took < 2 + 3  # the heartbeat timeout, and room for a loaded machine
+
+
+class _SlowLink:
+    """A worker's stream whose writes take `delay` to go through, in front of a worker that reads them all."""
+
+    def __init__(self, context: object, delay: float) -> None:
+        self._context, self.delay, self.writes = context, delay, 0
+
+    async def write(self, message: object) -> None:
+        self.writes += 1
+        await asyncio.sleep(self.delay)
+        await self._context.write(message)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._context, name)
+
+
+async def test_a_worker_that_reads_everything_behind_a_slow_link_keeps_its_stream_and_its_tasks(stack: Stack) -> None:
+    """On a loaded machine a write can take longer than the send lock's timeout to go through while
+    the worker reads everything it was sent (with 200 workers on 2 cores, writes took up to a second).
+    The next send's lock timeout took such a worker for stalled: its stream ended and what it held
+    was requeued, and on a fleet the reconnects and requeues fed on each other until healthy workers
+    were lost and tasks went dead. A lock timeout now ends a stream only when something written to
+    it waits for its receipt; otherwise the send waits on, and the receipt deadline still bounds it."""
+    scheduler = await stack.start_scheduler()
+    dispatcher = await stack.start_dispatcher(ack_timeout="5s")
+    worker = await stack.start_worker(dispatcher, "slow-link", slots=4)
+    await stack.wait_workers_known(1)
+    client = await stack.client()
+    warm = await client.submit_many([TaskSpec("echo", b"warm") for _ in range(4)])
+    await asyncio.gather(*(client.result(i, timeout=10) for i in warm))
+    (session,) = list(dispatcher.sessions)
+    link = _SlowLink(session.stream._context, delay=0.6)
+    session.stream._context = link
+    reconnects = worker.stats.reconnects
+
+    ids = await client.submit_many([TaskSpec("echo", f"{i}".encode()) for i in range(12)])
+    results = [await client.result(i, timeout=60) for i in ids]
+    print(
+        f"\nslow link: {link.writes} writes of 0.6 s; lock timeouts {dispatcher.stats.lock_timeouts}, "
+        f"waits extended {dispatcher.stats.lock_waits_extended}; requeued {dict(scheduler.stats.requeued)}"
+    )
+    assert [r.output for r in results] == [f"{i}".encode() for i in range(12)]
+    assert all(r.status == COMPLETED and r.worker_id == "slow-link" and not r.history for r in results)
+    assert link.writes >= 6
+    assert dispatcher.stats.lock_waits_extended > 0, "sends waited past the lock timeout"
+    assert dispatcher.stats.lock_timeouts == 0
+    assert sum(scheduler.stats.requeued.values()) == 0
+    assert worker.stats.reconnects == reconnects
+    assert list(dispatcher.sessions) == [session]
+    assert session.stream is not None

@@ -221,6 +221,7 @@ async def test_metrics_endpoint_reports_what_happened(stack: Stack) -> None:
     assert dm[("sluicegate_worker_slots", (("state", "free"),))] == 4
     assert dm[("sluicegate_leases_in_flight", ())] == 0
     assert dm[("sluicegate_send_lock_timeouts_total", ())] == 0
+    assert dm[("sluicegate_send_lock_waits_extended_total", ())] == 0
     assert dm[("sluicegate_tasks_forwarded_total", ())] == 21
     # Several assignments for one worker can share a stream write: one lock wait and one write each.
     writes = dm[("sluicegate_stream_write_seconds_count", ())]

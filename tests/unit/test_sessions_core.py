@@ -653,3 +653,49 @@ def test_a_worker_that_did_not_say_it_answers_probes_is_never_lost_for_them() ->
     assert sessions.to_ping(0.0, every=2.0) == []
     sessions.seen(s, 9.0)
     assert lost_ids(sessions, 9.0) == []
+
+
+# Whether a worker keeps up with what it is sent (a send-lock timeout blames it only if not).
+
+
+def test_a_worker_keeps_up_until_something_written_to_it_owes_its_receipt_past_the_grace() -> None:
+    sessions = Sessions()
+    session = streaming(sessions, slots=3)
+    queued = take(sessions, session, "queued")
+    assert sessions.keeps_up(session, now=100.0, within=1.0), "nothing written yet: nothing owed"
+    written = take(sessions, session, "written")
+    written.written_at = 10.0
+    assert sessions.keeps_up(session, now=10.9, within=1.0), "owed, but for less than the grace"
+    assert not sessions.keeps_up(session, now=11.0, within=1.0)
+    sessions.acknowledge(written)
+    assert sessions.keeps_up(session, now=50.0, within=1.0)
+    assert queued.written_at == float("inf")
+
+
+def test_a_settled_lease_owes_nothing() -> None:
+    sessions = Sessions()
+    session = streaming(sessions)
+    lease = take(sessions, session, "t")
+    lease.written_at = 0.0
+    assert not sessions.keeps_up(session, now=5.0, within=1.0)
+    sessions.settle(lease.key)
+    assert sessions.keeps_up(session, now=5.0, within=1.0)
+
+
+def test_queued_leases_come_in_the_queue_s_order_and_settling_them_counts_them_out() -> None:
+    sessions = Sessions(prefetch=4)
+    session = streaming(sessions, slots=1)
+    room = session.free_slots
+    first, second = (
+        sessions.take(session, (t, 1), payload=t, token=t, now=0.0, ack_timeout=5.0, queue=True, priority=p)
+        for t, p in (("low", 0), ("high", 5))
+    )
+    assert session.queued == 2
+    queued = sessions.queued_leases(session)
+    assert queued == [second, first], "highest priority first, as the queue would have sent them"
+    assert sessions.settle(second.key) is second
+    assert sessions.queued_leases(session) == [first], "a settled lease is no longer waiting"
+    assert sessions.settle(first.key) is first
+    assert session.queued == 0
+    assert sessions.forward_queued(session, now=1.0, ack_timeout=5.0) == []
+    assert session.free_slots == room, "their room is free again"

@@ -53,6 +53,9 @@ class Forwarder:
         self._inbox = inbox
         self._lock_timeout, self._ack_timeout, self._max_payload = lock_timeout, ack_timeout, max_payload
         self._clock, self._draining = clock, draining
+        # How long a worker may owe the receipt of something written to it and still count as reading
+        # (a loaded worker acknowledges late; a stalled one never does): half the receipt deadline.
+        self._read_grace = max(lock_timeout, ack_timeout / 2)
         self._pumps: set[asyncio.Task[None]] = set()
         self._undecodable = QuietLog(log, interval=10.0, level=logging.ERROR)
         sessions.on_room = self.kick
@@ -176,29 +179,72 @@ class Forwarder:
                 queue=True,
             )
             lease.span = self._span(session, assignment)
-        await self.pump(session)
+        self.kick(session)
 
     def kick(self, session: WorkerSession) -> None:
-        """Room opened on a worker with queued leases: send them (from the event loop, not the caller)."""
+        """Send what waits in the session's queue, from a task of its own.
+
+        Not from the inbox consumer's callback: the broker client cancels those when its channel
+        closes, and a send cancelled while it waited for the lock would leave its leases queued
+        with nobody to send them.
+        """
         if session.queued and session.worker_room > 0 and session.stream is not None:
             task = asyncio.create_task(self.pump(session))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
     async def pump(self, session: WorkerSession) -> None:
-        """Write the queued leases the worker has room for, in as few stream messages as the size limit allows."""
-        if session.stream is None:
-            return
-        leases = self.sessions.forward_queued(session, self._clock(), self._ack_timeout)
-        if not leases:
-            return
-        pending: list[Pending] = [(lease.payload, lease, lease.span) for lease in leases]
-        for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self._max_payload):
-            if not await self._write(session, pending[start:end]):
-                for _, lease, span in pending[end:]:
-                    span.end()
-                    await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
+        """Write out the queued leases the worker has room for, in as few stream messages as the size limit allows.
+
+        Whoever gets the stream's lock writes everything queued by then (group commit): a sender
+        that gets it after another wrote its leases finds nothing left and lets go at once. So a
+        wait for the lock is a wait for one write, not for one write per sender ahead of it.
+        """
+        while (stream := session.stream) is not None and session.queued and session.worker_room > 0:
+            wrote = await self._pump_once(session, stream)
+            if wrote is None and session.stream is stream:
+                return  # that stream failed: the queue waits for the session's next one (or goes back)
+            if wrote is False:
                 return
+
+    async def _pump_once(self, session: WorkerSession, stream: WorkerStream) -> bool | None:
+        """One hold of the stream's lock: True if it wrote, False if nothing was left, None if the stream failed."""
+        started_ns = time.time_ns()
+        try:
+            await self._acquire(session, stream)
+        except LockTimeout:
+            # Nothing went through for the lock timeout, and the worker owes receipts: it stalled.
+            late = self.sessions.queued_leases(session)
+            self._close_spans([lease.span for lease in late], started_ns, time.time_ns(), None, "send lock timeout")
+            for lease in late:
+                await self.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
+            await self.stalled(session, stream)
+            return None
+        except StreamBroken:
+            return None
+        acquired_ns = time.time_ns()
+        try:
+            leases = self.sessions.forward_queued(session, self._clock(), self._ack_timeout)
+            pending: list[Pending] = [(lease.payload, lease, lease.span) for lease in leases]
+            for start, end in _chunks([a.ByteSize() for a, _, _ in pending], self._max_payload):
+                if not await self._write(stream, pending[start:end], started_ns, acquired_ns):
+                    for _, lease, span in pending[end:]:
+                        span.end()
+                        await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, "stream ended before this write")
+                    return None
+            return bool(leases)
+        finally:
+            stream.release()
+
+    async def _acquire(self, session: WorkerSession, stream: WorkerStream) -> None:
+        """The stream's send lock within the lock timeout, waiting on while the worker keeps up (see `waits_on`)."""
+        while True:
+            try:
+                await stream.acquire(self._lock_timeout)
+                return
+            except LockTimeout:
+                if not self.waits_on(session, stream):
+                    raise
 
     def _span(self, session: WorkerSession, assignment: messages_pb2.Assignment) -> trace.Span:
         span = telemetry.start(
@@ -218,30 +264,36 @@ class Forwarder:
         telemetry.carry(span, assignment.trace)  # the worker's spans become children of this one
         return span
 
-    async def _write(
-        self, session: WorkerSession, chunk: list[tuple[messages_pb2.Assignment, Lease, trace.Span]]
-    ) -> bool:
-        """One stream write under the send lock; on failure the chunk is requeued. True if written."""
-        stream: WorkerStream = session.stream
+    async def _write(self, stream: WorkerStream, chunk: list[Pending], started_ns: int, acquired_ns: int) -> bool:
+        """One stream write, the lock held; on failure the chunk is requeued. True if written."""
         spans = [span for _, _, span in chunk]
-        started_ns = time.time_ns()
         try:
-            message = worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk])
-            waited = await stream.send(message, self._lock_timeout)
-        except LockTimeout:
-            self._close_spans(spans, started_ns, time.time_ns(), None, "send lock timeout")
-            for _, lease, _ in chunk:
-                await self.settler.requeue_lease(lease, Reason.LOCK_TIMEOUT, "send lock not acquired in time")
-            await self.stalled(session, stream)
-            return False
+            await stream.write_held(worker_pb2.ServerMessage(assignments=[a for a, _, _ in chunk]))
         except StreamBroken as err:
-            self._close_spans(spans, started_ns, time.time_ns(), None, "stream broken")
+            self._close_spans(spans, started_ns, acquired_ns, None, "stream broken")
             stream.end("stream write failed; reconnect")
             for _, lease, _ in chunk:
                 await self.settler.requeue_lease(lease, Reason.STREAM_BROKEN, str(err))
             return False
         self.stats.forwarded += len(chunk)
-        self._close_spans(spans, started_ns, started_ns + int(waited * 1e9), time.time_ns(), None)
+        written_at = self._clock()
+        for _, lease, _ in chunk:
+            lease.written_at = written_at
+        self._close_spans(spans, started_ns, acquired_ns, time.time_ns(), None)
+        return True
+
+    def waits_on(self, session: WorkerSession, stream: WorkerStream) -> bool:
+        """A send to the stream did not get its lock in time: True if it should wait on.
+
+        The write holding the lock is slow to go through, but the worker has acknowledged everything
+        written to it more than the read grace ago: the link or this process is slow, not the worker.
+        Taking it for stalled would end its stream and requeue what it holds (on a loaded fleet,
+        healthy workers by the hundred). The receipt deadline of what is in flight still bounds the
+        wait: past it the stream ends.
+        """
+        if stream.ended.is_set() or not self.sessions.keeps_up(session, self._clock(), self._read_grace):
+            return False
+        self.stats.lock_waits_extended += 1
         return True
 
     async def stalled(self, session: WorkerSession, stream: WorkerStream) -> None:

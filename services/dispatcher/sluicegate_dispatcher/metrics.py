@@ -70,6 +70,11 @@ class DispatcherMetrics:
         yield counter(
             "sluicegate_send_lock_timeouts", "Sends that did not get the stream's lock in time.", stats.lock_timeouts
         )
+        yield counter(
+            "sluicegate_send_lock_waits_extended",
+            "Lock timeouts on the stream of a worker that had read everything written to it: the send waited on.",
+            stats.lock_waits_extended,
+        )
         yield labelled_counter(
             "sluicegate_requeues", "Assignments sent back to the scheduler.", "reason", stats.requeued
         )

@@ -328,11 +328,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if message.events:
             stream.answer(self.reports.on_events(session, message.events))
 
-    def _on_stall(self, session: WorkerSession, stream: WorkerStream) -> None:
-        """A verdict could not get the stream's lock in time: handled as a stalled send."""
+    def _on_stall(self, session: WorkerSession, stream: WorkerStream) -> bool:
+        """A verdict could not get the stream's lock in time: handled as a send would be. True if stalled."""
+        if self.forwarder.waits_on(session, stream):
+            return False
         task = asyncio.create_task(self.forwarder.stalled(session, stream))
         self._stalls.add(task)
         task.add_done_callback(self._stalls.discard)
+        return True
 
     async def close(self) -> None:
         for task in list(self._stalls):

@@ -34,6 +34,7 @@ class Lease:
     finishing: bool = False  # a terminal report is being published for it
     concurrency: ConcurrencyKey | None = None
     forwarded: bool = True  # written to the worker's stream (else waiting in the session's queue)
+    written_at: float = float("inf")  # when the write carrying it went through (inf: not yet)
     settled: bool = False
     order: tuple[int, int] = (0, 0)  # (-priority, arrival): its place in the session's queue
     span: Any = None  # the shell's dispatch span
@@ -378,6 +379,11 @@ class Sessions:
             self.changed(session)
         return out
 
+    @staticmethod
+    def queued_leases(session: WorkerSession) -> list[Lease]:
+        """The leases waiting in the session's queue, in its order (left in it: a settled one is skipped there)."""
+        return [lease for _, lease in sorted(session.queue, key=lambda entry: entry[0]) if not lease.settled]
+
     def expired_queued(self, expired: Callable[[Lease], bool]) -> list[Lease]:
         """Queued leases past their start deadline, taken out of their queues (the caller settles them)."""
         out: list[Lease] = []
@@ -464,6 +470,18 @@ class Sessions:
         if lease.session.queued:
             self.on_room(lease.session)  # the receipt window has room again
         return True
+
+    @staticmethod
+    def keeps_up(session: WorkerSession, now: float, within: float) -> bool:
+        """Whether the worker reads what it is sent: nothing written to it `within` ago or earlier awaits its receipt.
+
+        A send that waits long on the stream's lock behind such a worker waits on the link (or on
+        this process), not on the worker; one that is not read leaves its receipts owed.
+        """
+        cutoff = now - within
+        return not any(
+            lease.written_at <= cutoff and not lease.received and not lease.settled for lease in session.leases.values()
+        )
 
     def unacknowledged(self, session: WorkerSession) -> list[Lease]:
         """Leases the worker has not acknowledged: sent without a receipt yet, or still queued here."""

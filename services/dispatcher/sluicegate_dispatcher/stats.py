@@ -15,6 +15,8 @@ class DispatcherStats:
     expired: int = 0  # not started within the schedule-to-start timeout
     requeued: Counter[str] = field(default_factory=Counter)
     lock_timeouts: int = 0
+    # A send lock timed out while the worker had read everything written to it: it waited on.
+    lock_waits_extended: int = 0
     streams_ended: int = 0
     stale_reports: int = 0
     redeliveries: int = 0

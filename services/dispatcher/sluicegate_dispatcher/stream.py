@@ -41,7 +41,7 @@ class WorkerStream:
         permits: int = 1,
         *,
         lock_timeout: float = 0.25,
-        on_stall: Callable[[WorkerStream], None] = lambda _stream: None,
+        on_stall: Callable[[WorkerStream], bool] = lambda _stream: True,
     ) -> None:
         self._context = context
         self.lock = TimedLock(permits)
@@ -49,7 +49,9 @@ class WorkerStream:
         self.ended = asyncio.Event()
         self.reason = ""
         self._timeout = lock_timeout
-        self._on_stall = on_stall  # called when a verdict flush could not get the lock in time
+        # Called when a verdict flush could not get the lock in time: True if the stream stalled
+        # (the flush gives up), False to wait on.
+        self._on_stall = on_stall
         self._verdicts: list[worker_pb2.EventVerdict] = []
         self._controls: list[worker_pb2.Control] = []
         self._ping = 0  # a probe of the worker's reading, to go out with the next write
@@ -79,18 +81,29 @@ class WorkerStream:
 
         Verdicts waiting to go out ride along. Returns how long the lock was waited for.
         """
+        waited = await self.acquire(timeout)
+        try:
+            await self.write_held(message)
+        finally:
+            self.release()
+        return waited
+
+    async def acquire(self, timeout: float) -> float:
+        """Take the send lock within `timeout` (LockTimeout otherwise); returns how long it took.
+
+        StreamBroken if the stream ended. The caller writes with `write_held`, then `release`s.
+        """
         if self.ended.is_set():
             raise StreamBroken(self.reason or "stream ended")
         started = time.perf_counter()
         await self.lock.acquire(timeout)
-        waited = time.perf_counter() - started
-        try:
-            await self._write(message)
-        finally:
-            self.lock.release()
-        return waited
+        return time.perf_counter() - started
 
-    async def _write(self, message: worker_pb2.ServerMessage) -> None:
+    def release(self) -> None:
+        self.lock.release()
+
+    async def write_held(self, message: worker_pb2.ServerMessage) -> None:
+        """One write, by the holder of the send lock; verdicts, controls and a probe waiting to go out ride along."""
         if self.ended.is_set():
             raise StreamBroken(self.reason or "stream ended")
         if self._verdicts:
@@ -138,11 +151,12 @@ class WorkerStream:
             try:
                 await self.lock.acquire(self._timeout)
             except LockTimeout:
-                self._on_stall(self)
-                return
+                if self._on_stall(self):
+                    return
+                continue
             try:
                 if self._verdicts or self._controls or self._ping:
-                    await self._write(worker_pb2.ServerMessage())
+                    await self.write_held(worker_pb2.ServerMessage())
             except StreamBroken:
                 self.end("stream write failed; reconnect")
                 return
