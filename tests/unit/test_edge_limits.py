@@ -86,6 +86,20 @@ def test_registrations_and_heartbeats_are_rate_limited() -> None:
         admission.heartbeat("s1", 0.0)
 
 
+def test_by_default_a_whole_fleet_on_one_host_registers_at_once() -> None:
+    """1,000 workers started together on one host (one principal) took 40 s to register, 20 a second
+    past a burst of 200; the burst is now the sessions a principal may hold."""
+    limits = EdgeLimits()
+    admission = Admission(limits)
+    sessions = Sessions()
+    for k in range(limits.sessions_per_principal):
+        admission.register(sessions, principal="host", tenant="t", worker_id=f"w{k}", now=0.0)
+        _register(sessions, f"w{k}", "host")
+    with pytest.raises(LimitExceeded):
+        admission.register(sessions, principal="host", tenant="t", worker_id="one-more", now=0.0)
+    assert admission.refused == 1
+
+
 def test_a_session_principal_defaults_to_its_worker_id() -> None:
     sessions = Sessions()
     session, _ = sessions.register(worker_id="w1", tenant="t", actions=frozenset({"a"}), labels={}, slots=1, now=0.0)

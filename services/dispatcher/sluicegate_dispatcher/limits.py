@@ -25,7 +25,7 @@ class EdgeLimits:
     max_label_chars: int = 4096  # all its label keys and values together
     max_events: int = 1000  # task events in one worker message
     register_rate: float = 20.0  # registrations per second per principal (0: no limit)
-    register_burst: int = 200
+    register_burst: int = 1000  # as many as its sessions: a fleet on one host starts at once
     heartbeat_rate: float = 10.0  # empty messages per second per session (0: no limit)
     heartbeat_burst: int = 50
 

@@ -108,7 +108,12 @@ class DispatcherSettings(BaseSettings):
     register_rate: float = Field(
         default=20.0, ge=0, le=1_000_000, description="Registrations a second per principal (0: no limit)."
     )
-    register_burst: int = Field(default=200, ge=1, le=1_000_000, description="Registrations at once per principal.")
+    register_burst: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Registrations at once per principal (its sessions: a fleet on one host starts at once).",
+    )
     heartbeat_rate: float = Field(
         default=10.0, ge=0, le=1_000_000, description="Empty messages (heartbeats) a second per session (0: no limit)."
     )
