@@ -213,6 +213,8 @@ class Forwarder:
         try:
             await self._acquire(session, stream)
         except LockTimeout:
+            if stream.ended.is_set():
+                return None  # ended meanwhile, by whoever decided why: the queue waits for the next stream
             # Nothing went through for the lock timeout, and the worker owes receipts: it stalled.
             late = self.sessions.queued_leases(session)
             self._close_spans([lease.span for lease in late], started_ns, time.time_ns(), None, "send lock timeout")
